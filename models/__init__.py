@@ -1,0 +1,7 @@
+"""GSS-family language models in pure PyTorch: no device, parallelism or logging code."""
+
+from .config import ARCHS, PRESETS, ModelConfig
+from .model import DecodeState, LanguageModel, build_model, sample
+from .ssm import DiagonalSSM
+
+__all__ = ["ARCHS", "PRESETS", "DecodeState", "DiagonalSSM", "LanguageModel", "ModelConfig", "build_model", "sample"]
