@@ -1,0 +1,34 @@
+# `make run`: set up and run the main job.  `make test`: set up and pass every test, XLA lane included.
+PYTHON ?= python3
+VENV ?= .venv
+XLA_VENV ?= .venv-xla
+
+.PHONY: setup setup-xla run test test-cpu test-xla
+
+setup: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	# The CPU build of torch first, so that the project's `torch` requirement is already met.
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+# torch_xla 2.9 needs torch 2.9.0, so the XLA lane has an environment of its own.
+setup-xla: $(XLA_VENV)/.installed
+$(XLA_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(XLA_VENV)
+	$(XLA_VENV)/bin/pip install -q --upgrade pip
+	$(XLA_VENV)/bin/pip install -q -e '.[xla,dev]'
+	touch $@
+
+run: setup
+	$(VENV)/bin/gss demo
+
+test: test-cpu test-xla
+
+test-cpu: setup
+	$(VENV)/bin/python -m pytest -m "not xla" $(PYTEST_ARGS)
+
+test-xla: setup-xla
+	PJRT_DEVICE=CPU GSS_REQUIRE_XLA=1 $(XLA_VENV)/bin/python -m pytest -m xla $(PYTEST_ARGS)

@@ -1,0 +1,1 @@
+"""What users run: the `gss` command line."""

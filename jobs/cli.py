@@ -1,0 +1,53 @@
+"""The `gss` command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+
+def cmd_params(args: argparse.Namespace) -> None:
+    import torch
+
+    from models import PRESETS, build_model
+
+    print(f"{'preset':<20} {'arch':<12} {'layers':>6} {'parameters':>12}")
+    for name in args.presets or PRESETS:
+        if name not in PRESETS:
+            raise SystemExit(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        cfg = PRESETS[name]
+        with torch.device("meta"):  # count without allocating
+            count = build_model(cfg).num_parameters()
+        print(f"{name:<20} {cfg.arch:<12} {cfg.n_layers:>6} {count / 1e6:>11.1f}M")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from jobs.demo import DemoConfig, run_demo
+
+    overrides = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(DemoConfig)}}
+    run_demo(DemoConfig(**{k: v for k, v in overrides.items() if v is not None}))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="gss", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="train a small model on real local text, evaluate it longer, sample")
+    demo.add_argument("--preset", help="a small-* preset (default small-gss)")
+    demo.add_argument("--corpus", help="text files to read: a folder or a glob (default: see `gss demo -h`)")
+    demo.add_argument("--steps", type=int)
+    demo.add_argument("--seq-len", dest="seq_len", type=int)
+    demo.add_argument("--batch-size", dest="batch_size", type=int)
+    demo.add_argument("--ssm-kernel", dest="ssm_kernel", choices=["fft", "chunked"])
+    demo.set_defaults(func=cmd_demo)
+
+    params = commands.add_parser("params", help="parameter counts of the model presets")
+    params.add_argument("presets", nargs="*")
+    params.set_defaults(func=cmd_params)
+
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
