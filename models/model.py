@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,26 @@ from .config import ModelConfig
 from .ssm import DiagonalSSM
 
 
-class GSSBlock(nn.Module):
+class SSMBlock(nn.Module):
+    """A block around a DiagonalSSM `self.ssm`: `mix(x, run_ssm)` is the block, and the parallel
+    pass and the recurrent step differ only in how the SSM is run."""
+
+    ssm: DiagonalSSM
+
+    def mix(self, x: Tensor, run_ssm: Callable[[Tensor], tuple[Tensor, Any]]) -> tuple[Tensor, Any]:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, state: Tensor | None = None, position: int = 0) -> tuple[Tensor, Any]:
+        return self.mix(x, lambda u: self.ssm(u, state))
+
+    def step(self, x: Tensor, state: Tensor, position: int) -> tuple[Tensor, Any]:
+        return self.mix(x, lambda u: self.ssm.step(u, state))
+
+    def init_state(self, batch_size: int) -> Tensor:
+        return self.ssm.init_state(batch_size)
+
+
+class GSSBlock(SSMBlock):
     """The Gated State Space layer, as the paper's pseudocode:
 
     v = GELU(x W_F); u = GELU(x W_H); y = DSS(LayerNorm(u)); out = ((y W_HF) * v) W_FE + shortcut.
@@ -40,20 +59,11 @@ class GSSBlock(nn.Module):
         self.ssm_out = nn.Linear(cfg.d_ssm, cfg.d_gate)
         self.out = nn.Linear(cfg.d_gate, cfg.d_model)
 
-    def _mix(self, x: Tensor, run_ssm) -> tuple[Tensor, Any]:
+    def mix(self, x: Tensor, run_ssm: Callable[[Tensor], tuple[Tensor, Any]]) -> tuple[Tensor, Any]:
         h = self.norm(x)
         v = F.gelu(self.to_gate(h))
         y, state = run_ssm(self.ssm_norm(F.gelu(self.to_ssm(h))))
         return x + self.out(self.ssm_out(y) * v), state
-
-    def forward(self, x: Tensor, state: Tensor | None = None, position: int = 0) -> tuple[Tensor, Any]:
-        return self._mix(x, lambda u: self.ssm(u, state))
-
-    def step(self, x: Tensor, state: Tensor, position: int) -> tuple[Tensor, Any]:
-        return self._mix(x, lambda u: self.ssm.step(u, state))
-
-    def init_state(self, batch_size: int) -> Tensor:
-        return self.ssm.init_state(batch_size)
 
 
 class MLP(nn.Module):
@@ -67,7 +77,7 @@ class MLP(nn.Module):
         return x + self.out(F.gelu(self.up(self.norm(x))))
 
 
-class DSSBlock(nn.Module):
+class DSSBlock(SSMBlock):
     """The DSS baseline the paper compares with: DSS over all E channels, then an MLP.
 
     x + W_o GELU(DSS(LayerNorm(x))), followed by a pre-LN MLP of width F.
@@ -80,18 +90,9 @@ class DSSBlock(nn.Module):
         self.out = nn.Linear(cfg.d_model, cfg.d_model)
         self.mlp = MLP(cfg)
 
-    def _mix(self, x: Tensor, run_ssm) -> tuple[Tensor, Any]:
+    def mix(self, x: Tensor, run_ssm: Callable[[Tensor], tuple[Tensor, Any]]) -> tuple[Tensor, Any]:
         y, state = run_ssm(self.norm(x))
         return self.mlp(x + self.out(F.gelu(y))), state
-
-    def forward(self, x: Tensor, state: Tensor | None = None, position: int = 0) -> tuple[Tensor, Any]:
-        return self._mix(x, lambda u: self.ssm(u, state))
-
-    def step(self, x: Tensor, state: Tensor, position: int) -> tuple[Tensor, Any]:
-        return self._mix(x, lambda u: self.ssm.step(u, state))
-
-    def init_state(self, batch_size: int) -> Tensor:
-        return self.ssm.init_state(batch_size)
 
 
 def rotary(x: Tensor, positions: Tensor, base: float) -> Tensor:
