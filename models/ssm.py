@@ -115,16 +115,14 @@ def _scan_full_chunks(
     local_re, local_im = local.chunk(2, dim=-1)
 
     # 3. Carry the state across chunks: X_c = lam ** T * X_{c-1} + S_c (sequential, elementwise).
+    # unbind, not local_re[:, c]: the backward of C slices would write C full-size gradients.
     a_re, a_im = complex_powers(log_decay, freq, torch.tensor([chunk], device=u.device))  # [1, N]
     x_re, x_im = state[0], state[1]
     entering_re, entering_im = [], []
-    for c in range(n_chunks):
+    for s_re, s_im in zip(local_re.unbind(1), local_im.unbind(1)):
         entering_re.append(x_re)
         entering_im.append(x_im)
-        x_re, x_im = (
-            a_re * x_re - a_im * x_im + local_re[:, c],
-            a_re * x_im + a_im * x_re + local_im[:, c],
-        )
+        x_re, x_im = a_re * x_re - a_im * x_im + s_re, a_re * x_im + a_im * x_re + s_im
     prev_re, prev_im = torch.stack(entering_re, dim=1), torch.stack(entering_im, dim=1)  # [B, C, H, N]
 
     # 4. What the entering state adds at offset j: Re(sum_n W lam ** (j + 1) X_{c-1}).
