@@ -28,6 +28,24 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(DemoConfig(**{k: v for k, v in overrides.items() if v is not None}))
 
 
+def _config(args: argparse.Namespace):
+    """CONFIG (a YAML file, optional) followed by key.sub=value overrides."""
+    from pipeline.config import ConfigError, load_config
+
+    words = list(args.config_and_overrides)
+    path = words.pop(0) if words and "=" not in words[0] else None
+    try:
+        return load_config(path, words)
+    except ConfigError as e:
+        raise SystemExit(f"gss: {e}") from None
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from pipeline.prepare import prepare_stage
+
+    prepare_stage(_config(args))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="gss", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -40,6 +58,13 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--batch-size", dest="batch_size", type=int)
     demo.add_argument("--ssm-kernel", dest="ssm_kernel", choices=["fft", "chunked"])
     demo.set_defaults(func=cmd_demo)
+
+    prepare = commands.add_parser(
+        "prepare", help="tokenize and pack a corpus into Parquet shards (Ray Data)",
+        description="Train (or take) a SentencePiece tokenizer, tokenize and pack a corpus into Parquet shards.",
+    )
+    prepare.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG] [key.sub=value ...]")
+    prepare.set_defaults(func=cmd_prepare)
 
     params = commands.add_parser("params", help="parameter counts of the model presets")
     params.add_argument("presets", nargs="*")

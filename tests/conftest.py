@@ -5,3 +5,16 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster, shared by the tests that need one."""
+    import ray
+
+    from pipeline.cluster import connect
+    from pipeline.config import RayConfig
+
+    connect(RayConfig(num_cpus=2))
+    yield
+    ray.shutdown()

@@ -1,0 +1,46 @@
+"""fsspec helpers: the same code for local folders, gs:// buckets and memory:// in tests."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem for `url` and the path inside it."""
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return fs, path
+
+
+def join(*parts: str) -> str:
+    return posixpath.join(*parts)
+
+
+def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write a file so that readers see either nothing or all of it.
+
+    Local: a temporary name in the same folder, then a rename. Object stores (gs://) publish an
+    object only when its upload completes, so a plain write is already atomic there.
+    """
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    if isinstance(fs, LocalFileSystem):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def write_json_atomic(fs: fsspec.AbstractFileSystem, path: str, value: Any) -> None:
+    write_bytes_atomic(fs, path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
+
+
+def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
+    with fs.open(path, "rb") as f:
+        return json.loads(f.read())

@@ -1,0 +1,90 @@
+"""MLflow for every stage: where the store is, one run per stage, nested under a parent when there is one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.config import ConfigError, RunConfig
+from pipeline.storage import filesystem, join
+
+
+def tracking_uri(cfg: RunConfig) -> str:
+    """`tracking.uri`, else $MLFLOW_TRACKING_URI, else a sqlite store in the run's root folder."""
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri:
+        return uri
+    fs, root = filesystem(cfg.root)
+    if not isinstance(fs, LocalFileSystem):
+        raise ConfigError(
+            f"root is {cfg.root!r}, and a sqlite MLflow store cannot live in a bucket: set tracking.uri "
+            "(or MLFLOW_TRACKING_URI) to your tracking server, see infra/mlflow"
+        )
+    os.makedirs(root, exist_ok=True)
+    return f"sqlite:///{os.path.abspath(join(root, 'mlflow.db'))}"
+
+
+def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail before any work starts if a tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+            response.read()
+    except Exception as e:  # noqa: BLE001 - any failure means the same thing to the user
+        raise ConfigError(
+            f"MLflow tracking server {uri} is not reachable ({e}); start it (infra/mlflow) "
+            "or point tracking.uri / MLFLOW_TRACKING_URI at one that runs"
+        ) from None
+
+
+def setup(cfg: RunConfig) -> str:
+    """Point MLflow at the store and experiment of this config; returns the experiment id."""
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    fs, _ = filesystem(cfg.root)
+    artifacts = os.path.abspath(join(cfg.root, "mlartifacts")) if isinstance(fs, LocalFileSystem) else None
+    return mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifacts)
+
+
+@contextlib.contextmanager
+def stage_run(cfg: RunConfig, stage: str, **tags: str) -> Iterator[Any]:
+    """An MLflow run for one stage, nested under the active run (the `gss run` parent) if there is one."""
+    import mlflow
+
+    experiment_id = setup(cfg)
+    parent = mlflow.active_run()
+    with mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=f"{cfg.name}/{stage}",
+        nested=parent is not None,
+        tags={"gss.stage": stage, "gss.run_name": cfg.name, **tags},
+    ) as run:
+        yield run
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}, the form MLflow params take."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, sub in value.items():
+            out.update(flatten(sub, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+def log_params(params: dict[str, Any]) -> None:
+    import mlflow
+
+    mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})

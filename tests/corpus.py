@@ -1,0 +1,68 @@
+"""Small generated corpora in the real datasets' layouts, and the shared samples when they are there."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "corpora"
+
+WORDS = ("the of and to in a is that was he for it with as his on be at by had not are but from or have an they "
+         "which one you were her all she there would their we him been has when who will more no if out so said "
+         "what up its about into than them can only other new some could time these two may then do first any my "
+         "now such like our over man me even most made after also did many before must through back years where "
+         "much your way well down should because each just those people how too little state good very make world "
+         "still own see men work long get here between both life being under never day same another know while "
+         "last might us great old year off come since against go came right used take three").split()
+
+
+def prose(rng: random.Random, n_words: int) -> str:
+    lines, line = [], []
+    for _ in range(n_words):
+        line.append(rng.choice(WORDS))
+        if rng.random() < 0.08:
+            lines.append(" ".join(line) + ".")
+            line = []
+    lines.append(" ".join(line))
+    return "\n".join(lines) + "\n"
+
+
+def write_pg19(root: Path, counts=(8, 2, 2), words=(2000, 6000), seed: int = 0) -> dict[str, list[str]]:
+    """Books as <id>.txt under train/validation/test; returns the texts of each split in file order."""
+    rng = random.Random(seed)
+    texts: dict[str, list[str]] = {}
+    for split, n in zip(("train", "validation", "test"), counts):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        names = sorted(f"{1000 + i}.txt" for i in range(n))
+        texts[split] = []
+        for name in names:
+            text = prose(rng, rng.randint(*words))
+            (root / split / name).write_text(text)
+            texts[split].append(text)
+    (root / "metadata.csv").write_text("1000,A Title,1900,http://example.org\n")
+    return texts
+
+
+def write_arxiv(path: Path, records: list, compress: bool = True) -> None:
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in records]
+    data = ("\n".join(lines) + "\n").encode()
+    path.write_bytes(gzip.compress(data) if compress else data)
+
+
+def write_github(path: Path, rows: dict) -> None:
+    pq.write_table(pa.table(rows), path)
+
+
+def shared_corpus(name: str) -> Path:
+    path = SHARED / name
+    if not path.exists():
+        pytest.skip(f"needs ../shared/corpora/{name} (the shared samples beside the checkout); not present here")
+    return path
+
+
