@@ -39,7 +39,7 @@ class SourceConfig:
     # files/pg19 with no validation/test glob: hold out this fraction of the train files for each
     holdout_fraction: float = 0.0
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options, e.g. {token: anon}
-    unit_bytes: int = 64 << 20  # files are read and tokenized in units of about this many bytes
+    unit_bytes: int = 32 << 20  # files are read and tokenized in units of about this many bytes
 
 
 @dataclass
@@ -54,7 +54,7 @@ class TokenizerConfig:
 @dataclass
 class PackConfig:
     seq_len: int = 4096  # training rows have exactly this many tokens (the last row may be shorter)
-    shard_tokens: int = 64 << 20  # about this many tokens per Parquet shard
+    shard_tokens: int = 16 << 20  # about this many tokens per Parquet shard (~40 MB with zstd)
     eval_piece_tokens: int = 131072  # validation/test documents longer than this are cut into pieces
 
 
