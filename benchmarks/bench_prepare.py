@@ -3,13 +3,15 @@
 The corpus is the PG-19 sample of ../shared/corpora, copied `--copies` times (distinct file names) so
 the job runs long enough to measure; the tokenizer is trained once beforehand and given to the job, so
 both sides encode with the same model. The floor: `sp.encode(text)` over every document in one process,
-texts already in memory. The job: `prepare()` on a running local Ray cluster (read, tokenize with the
+texts already in memory. The ceiling: one forked process per core, each encoding an equal share. The job: `prepare()` on a running local Ray cluster (read, tokenize with the
 actor pool, pack, write zstd Parquet, manifest), and once cold through `gss prepare`, Ray start included.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
 import shutil
 import statistics
 import subprocess
@@ -38,6 +40,28 @@ def build_corpus(src: Path, dst: Path, copies: int) -> list[Path]:
                 shutil.copyfile(path, target)
                 files.append(target)
     return sorted(files)
+
+
+def _encode_share(model: bytes, texts: list[str], barrier, results, rank: int) -> None:
+    sp = Tokenizer(model).sp
+    barrier.wait()
+    t = time.perf_counter()
+    for text in texts:
+        sp.encode(text)
+    results[rank] = time.perf_counter() - t
+
+
+def parallel_encode_seconds(model: bytes, texts: list[str], processes: int) -> float:
+    """The hardware ceiling: `processes` forked processes each encode an equal share, no Ray, no I/O."""
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(processes), ctx.Array("d", processes)
+    shares = [texts[i::processes] for i in range(processes)]
+    procs = [ctx.Process(target=_encode_share, args=(model, shares[i], barrier, results, i)) for i in range(processes)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    return max(results)
 
 
 def main() -> None:
@@ -69,6 +93,7 @@ def main() -> None:
             tokens = sum(len(sp.encode(text)) for text in texts)
             floor.append(time.perf_counter() - t)
         tokens += len(texts)  # the job also writes one end-of-document id per document
+        ceiling = statistics.median(parallel_encode_seconds(model, texts, os.cpu_count()) for _ in range(args.reps))
 
         overrides = [f"data.source.path={tmp / 'corpus'}", f"data.tokenizer.path={tmp / 'tok.model'}",
                      f"data.source.unit_bytes={args.unit_mb << 20}", "data.pack.seq_len=4096"]
@@ -95,6 +120,8 @@ def main() -> None:
     rows = [
         {"what": "single process, sp.encode loop (floor)", "seconds": floor_s, "tokens/s": tokens / floor_s,
          "vs floor": 1.0},
+        {"what": f"{os.cpu_count()} processes, each encoding a share (hardware ceiling)", "seconds": ceiling,
+         "tokens/s": tokens / ceiling, "vs floor": floor_s / ceiling},
         {"what": "gss prepare, running Ray cluster", "seconds": warm_s, "tokens/s": tokens / warm_s,
          "vs floor": floor_s / warm_s},
         {"what": "gss prepare, cold (Ray start included)", "seconds": cold, "tokens/s": tokens / cold,
