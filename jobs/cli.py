@@ -46,6 +46,12 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     prepare_stage(_config(args))
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from pipeline.train import train_stage
+
+    train_stage(_config(args))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="gss", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +71,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     prepare.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG] [key.sub=value ...]")
     prepare.set_defaults(func=cmd_prepare)
+
+    train = commands.add_parser(
+        "train", help="train a model on prepared shards (Ray Train; cpu, cuda or xla), tracked in MLflow",
+        description="Train on the shards `gss prepare` wrote for the same data config; re-running resumes.",
+    )
+    train.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG] [key.sub=value ...]")
+    train.set_defaults(func=cmd_train)
 
     params = commands.add_parser("params", help="parameter counts of the model presets")
     params.add_argument("presets", nargs="*")

@@ -69,6 +69,34 @@ class DataConfig:
 
 
 @dataclass
+class TrainConfig:
+    preset: str = "small-gss"  # a models.PRESETS name; vocab_size comes from the dataset's tokenizer
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides, e.g. {ssm_kernel: chunked}
+    backend: str = "cpu"  # cpu (gloo DDP) | cuda (NCCL; DDP or FSDP2) | xla (torch_xla SPMD)
+    num_workers: int = 2
+    steps: int = 200
+    global_batch_tokens: int = 32768  # per optimizer step, over all workers and accumulation steps
+    micro_batch: int = 4  # rows per forward on one worker
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto (bf16 autocast on cuda/xla, fp32 on cpu) | bf16 | fp32
+    compile: bool = False  # cuda: torch.compile the model
+    fsdp: bool = False  # cuda: FSDP2 (fully_shard per block) instead of DDP
+    eval_every: int = 50
+    eval_windows: int = 16  # validation windows of seq_len tokens, split over the workers
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    max_failures: int = 3  # worker-group restarts from the last checkpoint
+    log_every: int = 10
+    seed: int = 0
+    register_as: str = ""  # MLflow registered model name; empty: gss-<run name>
+
+
+@dataclass
 class TrackingConfig:
     uri: str = ""  # MLflow tracking URI; empty: $MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db
     experiment: str = "gss"
@@ -85,6 +113,7 @@ class RunConfig:
     name: str = "run"
     root: str = "runs"  # everything a run writes goes under here (local path or gs://...)
     data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import uuid
 from typing import Any
@@ -15,6 +16,11 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple
     """The filesystem for `url` and the path inside it."""
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     return fs, path
+
+
+def absolute(url: str) -> str:
+    """A local path made absolute (Ray workers do not share the driver's working folder); URLs unchanged."""
+    return url if "://" in url else os.path.abspath(url)
 
 
 def join(*parts: str) -> str:
