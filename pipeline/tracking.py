@@ -14,9 +14,14 @@ from pipeline.config import ConfigError, RunConfig
 from pipeline.storage import filesystem, join
 
 
+# The user's $MLFLOW_TRACKING_URI, read once: mlflow.set_tracking_uri() writes that variable itself, so a
+# later read would see the store of whichever config ran last in this process.
+_USER_URI = os.environ.get("MLFLOW_TRACKING_URI", "")
+
+
 def tracking_uri(cfg: RunConfig) -> str:
     """`tracking.uri`, else $MLFLOW_TRACKING_URI, else a sqlite store in the run's root folder."""
-    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    uri = cfg.tracking.uri or _USER_URI
     if uri:
         return uri
     fs, root = filesystem(cfg.root)

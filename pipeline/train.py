@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from models import PRESETS, ModelConfig, build_model
 from pipeline.config import RunConfig, TrainConfig, from_dict, to_dict
 from pipeline.prepare import dataset_dir, load_manifest
-from pipeline.storage import absolute, join
+from pipeline.storage import absolute, filesystem, join, read_json, write_json_atomic
 
 STATE = "state.pt"
+DIVERGED = "diverged.json"
 
 
 class TrainingError(RuntimeError):
@@ -152,7 +153,9 @@ def train_loop(payload: dict[str, Any]) -> None:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         loss = backend.all_reduce_mean(torch.stack(losses).mean())
         if not torch.isfinite(loss).item():  # the same on every rank: the loss is all-reduced
-            ray.train.report({"step": step, "diverged_at": step, "loss": float("nan")})
+            if rank == 0:  # Ray Train keeps only checkpointed metrics, so tell the driver through storage
+                fs, path = filesystem(join(payload["run_dir"], DIVERGED))
+                write_json_atomic(fs, path, {"step": step, "loss": loss.item()})
             return
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -277,17 +280,20 @@ def train_stage(cfg: RunConfig) -> dict[str, Any]:
     else:
         trainer = TorchTrainer(train_loop, train_loop_config=payload, scaling_config=scaling, run_config=run_config,
                                torch_config=TorchConfig(backend="nccl" if tc.backend == "cuda" else "gloo"))
+    fs, diverged = filesystem(join(run_dir, DIVERGED))
+    if fs.exists(diverged):
+        fs.rm(diverged)
     try:
         result = trainer.fit()
     except Exception as e:
         client.set_terminated(run.info.run_id, "FAILED")
         raise TrainingError(f"training failed after {tc.max_failures} restarts: {e}") from e
 
-    if "diverged_at" in result.metrics:
+    if fs.exists(diverged):
         client.set_terminated(run.info.run_id, "FAILED")
         kept = result.checkpoint.path if result.checkpoint else "none yet"
         raise TrainingError(
-            f"the loss became NaN/inf at step {result.metrics['diverged_at']}; the last good checkpoint is kept "
+            f"the loss became NaN/inf at step {read_json(fs, diverged)['step']}; the last good checkpoint is kept "
             f"({kept}). Lower train.lr or raise train.warmup_steps, then re-run the same run name to resume."
         )
     checkpoint = result.checkpoint

@@ -88,7 +88,8 @@ def test_manifest_counts_and_lists_skips(prepared):
     assert train["skipped"] == 2 and train["skip_reasons"] == {"empty": 1, "not UTF-8": 1}
     assert sorted(Path(s["source"]).name for s in train["skips"]) == ["5000.txt", "5001.txt"]
     assert sum(s["tokens"] for s in train["shards"]) == train["tokens"]
-    assert train["words"] == sum(len(t.split()) for t in texts["train"])
+    assert train["words"] == 0  # words are counted where word-level perplexity needs them: validation, test
+    assert manifest["splits"]["test"]["words"] == sum(len(t.split()) for t in texts["test"])
     dataset = Path(dataset_dir(cfg))
     assert (dataset / COMPLETE).exists() and not (dataset / "_work").exists()
     assert load_manifest(str(dataset))["splits"] == manifest["splits"]

@@ -1,0 +1,131 @@
+"""`gss train` on a real local Ray cluster: two CPU workers, real checkpoints, a real MLflow store, a killed worker."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline.config import TrainConfig, load_config
+from pipeline.data import TrainRows
+from pipeline.prepare import dataset_dir, prepare
+from pipeline.train import TrainingError, batch_layout, learning_rate, train_stage
+from tests.corpus import write_pg19
+
+TINY_MODEL = {"d_model": 32, "n_layers": 2, "d_gate": 64, "d_ssm": 16, "state_size": 8}
+
+
+def run_config(root: Path, corpus: Path, name: str, **train) -> dict:
+    return {
+        "name": name,
+        "root": str(root),
+        "data": {"source": {"kind": "pg19", "path": str(corpus)}, "tokenizer": {"vocab_size": 300},
+                 "pack": {"seq_len": 64, "shard_tokens": 4096}},
+        "train": {"preset": "small-gss", "model": TINY_MODEL, "num_workers": 2, "global_batch_tokens": 1024,
+                  "micro_batch": 4, "warmup_steps": 5, "lr": 3e-3, "log_every": 5, **train},
+    }
+
+
+def as_overrides(tree: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "model":
+            out += as_overrides(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={yaml.safe_dump(value, default_flow_style=True).strip()}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, ray_cluster):
+    root = tmp_path_factory.mktemp("train")
+    write_pg19(root / "corpus", counts=(10, 2, 2), words=(2000, 5000))
+    tree = run_config(root / "out", root / "corpus", "base")
+    prepare(load_config(None, as_overrides(tree)))
+    return root
+
+
+def test_schedule_and_batch_layout():
+    tc = TrainConfig(lr=1.0, warmup_steps=10, steps=110, min_lr_ratio=0.1)
+    assert learning_rate(0, tc) == pytest.approx(0.1) and learning_rate(9, tc) == pytest.approx(1.0)
+    assert learning_rate(60, tc) == pytest.approx(0.55) and learning_rate(110, tc) == pytest.approx(0.1)
+    assert batch_layout(TrainConfig(global_batch_tokens=4096, num_workers=2, micro_batch=4), 128) == (32, 4)
+    with pytest.raises(TrainingError, match="multiple of num_workers × micro_batch = 8 rows"):
+        batch_layout(TrainConfig(global_batch_tokens=1000, num_workers=2, micro_batch=4), 64)
+
+
+def test_row_order_is_seeded_resumable_and_covers_each_epoch_once(corpus):
+    cfg = load_config(None, as_overrides(run_config(corpus / "out", corpus / "corpus", "base")))
+    rows = TrainRows(dataset_dir(cfg), seed=3)
+    n = rows.rows_per_epoch
+    epoch = rows.rows(0, n)
+    assert len({r.tobytes() for r in epoch}) == n  # every full row exactly once (rows are distinct text)
+    np.testing.assert_array_equal(TrainRows(dataset_dir(cfg), seed=3).rows(n // 2, 5), epoch[n // 2: n // 2 + 5])
+    assert not np.array_equal(TrainRows(dataset_dir(cfg), seed=4).rows(0, 5), epoch[:5])
+    assert not np.array_equal(rows.rows(n, 5), epoch[:5])  # the next epoch is reshuffled
+
+
+def test_two_workers_train_and_mlflow_has_run_params_metrics_and_model(corpus):
+    import mlflow
+
+    cfg = load_config(None, as_overrides(run_config(corpus / "out", corpus / "corpus", "two", steps=40,
+                                                    eval_every=20, checkpoint_every=20)))
+    out = train_stage(cfg)
+    client = mlflow.MlflowClient()
+    run = client.get_run(out["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.num_workers"] == "2" and run.data.params["model.arch"] == "gss"
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.5
+    assert {"val_loss", "tokens_per_second", "grad_norm", "lr", "peak_memory_mb"} <= set(run.data.metrics)
+    version = client.get_model_version_by_alias("gss-two", "current")
+    assert version.run_id == run.info.run_id
+    model = mlflow.pytorch.load_model("models:/gss-two@current")
+    assert model.cfg.n_layers == 2
+    assert train_stage(cfg)["skipped"]  # finished: a re-run does nothing
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint_in_the_same_mlflow_run(corpus):
+    import mlflow
+    import ray
+
+    tree = run_config(corpus / "out", corpus / "corpus", "fault", steps=300, checkpoint_every=20, eval_every=100)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # set by earlier tests' mlflow
+    env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    job = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", *as_overrides(tree)], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = corpus / "out" / "train" / "fault"
+    deadline = time.time() + 240
+    # the controller registers a reported checkpoint asynchronously; its snapshot file says it has one
+    while not ((run_dir / "checkpoint_manager_snapshot.json").exists() and (run_dir / "workers" / "rank-1.pid").exists()):
+        assert job.poll() is None and time.time() < deadline, "training ended before a checkpoint was written"
+        time.sleep(0.2)
+    os.kill(int((run_dir / "workers" / "rank-1.pid").read_text()), signal.SIGKILL)
+    output, _ = job.communicate(timeout=300)
+    assert job.returncode == 0, output[-3000:]
+    assert "resumed from" in output, output[-5000:]
+
+    mlflow.set_tracking_uri(f"sqlite:///{corpus / 'out' / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["gss"], filter_string="tags.`gss.train_name` = 'fault'",
+                              output_format="list")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "loss")]
+    assert max(steps) == 300
+
+
+def test_a_diverging_loss_stops_with_a_clear_error(corpus):
+    import mlflow
+
+    # an absurd learning rate: the first update is fine to store, the next forward overflows
+    tree = run_config(corpus / "out", corpus / "corpus", "nan", steps=40, lr=1e37, warmup_steps=1,
+                      checkpoint_every=1)
+    with pytest.raises(TrainingError, match=r"NaN/inf at step \d+; the last good checkpoint is kept \(/"):
+        train_stage(load_config(None, as_overrides(tree)))
+    runs = mlflow.search_runs(experiment_names=["gss"], filter_string="tags.`gss.train_name` = 'nan'",
+                              output_format="list")
+    assert [r.info.status for r in runs] == ["FAILED"]
