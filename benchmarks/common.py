@@ -32,13 +32,13 @@ import contextlib
 import datetime
 import json
 import math
-import os
 import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -45,6 +45,10 @@ class Backend:
     def step_done(self) -> None:
         pass
 
+    def fallback_ops(self) -> dict[str, int]:
+        """Ops that ran on the host instead of the accelerator (XLA only)."""
+        return {}
+
     def peak_memory_bytes(self) -> int:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
@@ -86,6 +90,16 @@ class XLABackend(Backend):
         import torch_xla
 
         torch_xla.sync()
+
+    def fallback_ops(self) -> dict[str, int]:
+        from torch_xla.debug import metrics
+
+        return {n: metrics.counter_value(n) for n in metrics.counter_names() if n.startswith("aten::")}
+
+    def clear_metrics(self) -> None:
+        from torch_xla.debug import metrics
+
+        metrics.clear_all()
 
 
 def _dtype(cfg: TrainConfig, accelerator: bool) -> torch.dtype | None:

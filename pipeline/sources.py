@@ -165,7 +165,7 @@ def _parquet_layout(fs, path: str) -> tuple[list[str], int]:
         with fs.open(path, "rb") as f:
             meta = pq.ParquetFile(f).metadata
             return meta.schema.to_arrow_schema().names, meta.num_row_groups
-    except Exception as e:  # noqa: BLE001 - any unreadable footer means the same thing
+    except Exception as e:
         raise SourceError(f"{path}: not a readable Parquet file ({e}); remove it or fix the split glob") from e
 
 

@@ -13,7 +13,6 @@ from fsspec.implementations.local import LocalFileSystem
 from pipeline.config import ConfigError, RunConfig
 from pipeline.storage import filesystem, join
 
-
 # The user's $MLFLOW_TRACKING_URI, read once: mlflow.set_tracking_uri() writes that variable itself, so a
 # later read would see the store of whichever config ran last in this process.
 _USER_URI = os.environ.get("MLFLOW_TRACKING_URI", "")

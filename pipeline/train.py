@@ -12,6 +12,7 @@ Rank 0 logs metrics to MLflow and prints progress, which Ray streams to the driv
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import tempfile
@@ -135,9 +136,10 @@ def train_loop(payload: dict[str, Any]) -> None:
     tracker = _RankZeroLog(payload) if rank == 0 else None
     _write_pid(payload, rank)
 
-    started, tokens_done = time.perf_counter(), 0
+    if backend.name == "xla":
+        backend.clear_metrics()  # count host fallbacks of the training steps only
+    interval_start, interval_steps = time.perf_counter(), 0
     while step < tc.steps:
-        t0 = time.perf_counter()
         lr = learning_rate(step, tc)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -151,34 +153,39 @@ def train_loop(payload: dict[str, Any]) -> None:
                 (loss / accumulation).backward()
             losses.append(loss.detach())
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        loss = backend.all_reduce_mean(torch.stack(losses).mean())
-        if not torch.isfinite(loss).item():  # the same on every rank: the loss is all-reduced
-            if rank == 0:  # Ray Train keeps only checkpointed metrics, so tell the driver through storage
-                fs, path = filesystem(join(payload["run_dir"], DIVERGED))
-                write_json_atomic(fs, path, {"step": step, "loss": loss.item()})
-            return
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         backend.step_done()
-        step += 1
-        seconds = time.perf_counter() - t0
-        tokens_done += step_rows * (rows.seq_len - 1)
-        metrics = {"loss": loss.item(), "ppl": math.exp(min(loss.item(), 50)), "lr": lr,
-                   "grad_norm": float(grad_norm), "step_time": seconds,
-                   "tokens_per_second": step_rows * (rows.seq_len - 1) / seconds,
-                   "peak_memory_mb": backend.peak_memory_bytes() / 2**20}
+        step, interval_steps = step + 1, interval_steps + 1
+
         last = step == tc.steps
+        if not (last or step % tc.log_every == 0 or step % tc.eval_every == 0 or step % tc.checkpoint_every == 0):
+            continue  # values stay on the device between reports: no host sync per step (XLA, CUDA)
+        summary = backend.all_reduce_mean(torch.stack([torch.stack(losses).mean(), grad_norm.to(torch.float32)]))
+        loss_value, norm_value = summary.detach().cpu().tolist()
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):  # the same on every rank
+            if rank == 0:  # Ray Train keeps only checkpointed metrics, so tell the driver through storage
+                fs, path = filesystem(join(payload["run_dir"], DIVERGED))
+                write_json_atomic(fs, path, {"step": step, "loss": loss_value, "grad_norm": norm_value})
+            return
+        seconds = (time.perf_counter() - interval_start) / interval_steps
+        metrics = {"loss": loss_value, "ppl": math.exp(min(loss_value, 50)), "lr": lr, "grad_norm": norm_value,
+                   "step_time": seconds, "tokens_per_second": step_rows * (rows.seq_len - 1) / seconds,
+                   "peak_memory_mb": backend.peak_memory_bytes() / 2**20}
         if step % tc.eval_every == 0 or last:
             metrics["val_loss"] = _validate(model, backend, validation, rank, world, tc.micro_batch)
             metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50))
-        if tracker and (step % tc.log_every == 0 or last or "val_loss" in metrics):
-            tracker.log(step, metrics, tokens_done / (time.perf_counter() - started))
+        if tracker:
+            tracker.log(step, metrics)
         if step % tc.checkpoint_every == 0 or last:
             with tempfile.TemporaryDirectory() as folder:
                 if rank == 0:
                     save_state(folder, model, optimizer, step)
                 ray.train.report({"step": step, **metrics},
                                  checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None)
+        interval_start, interval_steps = time.perf_counter(), 0
+    if tracker and backend.name == "xla":  # ops that fell back to the host CPU: each one is slow on a TPU
+        tracker.client.set_tag(tracker.run_id, "gss.xla_fallbacks", json.dumps(backend.fallback_ops()))
 
 
 def _null():
@@ -198,7 +205,7 @@ def _validate(model, backend, windows: torch.Tensor, rank: int, world: int, micr
         with backend.autocast():
             total += lm_loss(model, shard_batch(backend, mine[i: i + micro_batch])) * len(mine[i: i + micro_batch])
     model.train()
-    return backend.all_reduce_mean(total / max(1, len(mine))).item()
+    return backend.all_reduce_mean(total / max(1, len(mine))).cpu().item()  # .cpu(): a transfer, not a fallback
 
 
 class _RankZeroLog:
@@ -211,7 +218,7 @@ class _RankZeroLog:
         self.run_id = payload["run_id"]
         self.steps = payload["steps"]
 
-    def log(self, step: int, metrics: dict[str, float], mean_tokens_per_s: float) -> None:
+    def log(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -219,7 +226,7 @@ class _RankZeroLog:
         left = (self.steps - step) * metrics["step_time"]
         val = f" val {metrics['val_loss']:.3f}" if "val_loss" in metrics else ""
         print(f"step {step}/{self.steps} loss {metrics['loss']:.3f}{val} lr {metrics['lr']:.2e} "
-              f"{mean_tokens_per_s:,.0f} tok/s, {left / 60:.1f} min left", flush=True)
+              f"{metrics['tokens_per_second']:,.0f} tok/s, {left / 60:.1f} min left", flush=True)
 
 
 def _write_pid(payload: dict, rank: int) -> None:

@@ -1,4 +1,4 @@
-"""Small generated corpora in the real datasets' layouts, and the shared samples when they are there."""
+"""Small generated corpora in the real datasets' layouts, the shared samples when they are there, run configs."""
 
 from __future__ import annotations
 
@@ -10,16 +10,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 
-WORDS = ("the of and to in a is that was he for it with as his on be at by had not are but from or have an they "
-         "which one you were her all she there would their we him been has when who will more no if out so said "
-         "what up its about into than them can only other new some could time these two may then do first any my "
-         "now such like our over man me even most made after also did many before must through back years where "
-         "much your way well down should because each just those people how too little state good very make world "
-         "still own see men work long get here between both life being under never day same another know while "
-         "last might us great old year off come since against go came right used take three").split()
+WORDS = ["the", "of", "and", "to", "in", "a", "is", "that", "was", "he", "for", "it", "with", "as", "his", "on", "be", "at", "by", "had", "not", "are", "but", "from", "or", "have", "an", "they", "which", "one", "you", "were", "her", "all", "she", "there", "would", "their", "we", "him", "been", "has", "when", "who", "will", "more", "no", "if", "out", "so", "said", "what", "up", "its", "about", "into", "than", "them", "can", "only", "other", "new", "some", "could", "time", "these", "two", "may", "then", "do", "first", "any", "my", "now", "such", "like", "our", "over", "man", "me", "even", "most", "made", "after", "also", "did", "many", "before", "must", "through", "back", "years", "where", "much", "your", "way", "well", "down", "should", "because", "each", "just", "those", "people", "how", "too", "little", "state", "good", "very", "make", "world", "still", "own", "see", "men", "work", "long", "get", "here", "between", "both", "life", "being", "under", "never", "day", "same", "another", "know", "while", "last", "might", "us", "great", "old", "year", "off", "come", "since", "against", "go", "came", "right", "used", "take", "three"]
 
 
 def prose(rng: random.Random, n_words: int) -> str:
@@ -66,3 +61,26 @@ def shared_corpus(name: str) -> Path:
     return path
 
 
+TINY_MODEL = {"d_model": 32, "n_layers": 2, "d_gate": 64, "d_ssm": 16, "state_size": 8}
+
+
+def run_config(root: Path, corpus: Path, name: str, **train) -> dict:
+    return {
+        "name": name,
+        "root": str(root),
+        "data": {"source": {"kind": "pg19", "path": str(corpus)}, "tokenizer": {"vocab_size": 300},
+                 "pack": {"seq_len": 64, "shard_tokens": 4096}},
+        "train": {"preset": "small-gss", "model": TINY_MODEL, "num_workers": 2, "global_batch_tokens": 1024,
+                  "micro_batch": 4, "warmup_steps": 5, "lr": 3e-3, "log_every": 5, **train},
+    }
+
+
+def as_overrides(tree: dict, prefix: str = "") -> list[str]:
+    """A nested config as `key.sub=value` command-line overrides (train.model stays one YAML mapping)."""
+    out = []
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "model":
+            out += as_overrides(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={yaml.safe_dump(value, default_flow_style=True).strip()}")
+    return out

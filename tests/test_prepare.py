@@ -96,7 +96,7 @@ def test_manifest_counts_and_lists_skips(prepared):
 
 
 def test_rerun_does_nothing_and_a_new_config_is_a_new_version(prepared):
-    cfg, manifest, _ = prepared
+    cfg, _, _ = prepared
     dataset = Path(dataset_dir(cfg))
     before = all_files(dataset)
     again = prepare(cfg)

@@ -5,40 +5,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from pipeline.config import TrainConfig, load_config
 from pipeline.data import TrainRows
 from pipeline.prepare import dataset_dir, prepare
 from pipeline.train import TrainingError, batch_layout, learning_rate, train_stage
-from tests.corpus import write_pg19
-
-TINY_MODEL = {"d_model": 32, "n_layers": 2, "d_gate": 64, "d_ssm": 16, "state_size": 8}
-
-
-def run_config(root: Path, corpus: Path, name: str, **train) -> dict:
-    return {
-        "name": name,
-        "root": str(root),
-        "data": {"source": {"kind": "pg19", "path": str(corpus)}, "tokenizer": {"vocab_size": 300},
-                 "pack": {"seq_len": 64, "shard_tokens": 4096}},
-        "train": {"preset": "small-gss", "model": TINY_MODEL, "num_workers": 2, "global_batch_tokens": 1024,
-                  "micro_batch": 4, "warmup_steps": 5, "lr": 3e-3, "log_every": 5, **train},
-    }
-
-
-def as_overrides(tree: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key, value in tree.items():
-        if isinstance(value, dict) and key != "model":
-            out += as_overrides(value, f"{prefix}{key}.")
-        else:
-            out.append(f"{prefix}{key}={yaml.safe_dump(value, default_flow_style=True).strip()}")
-    return out
+from tests.corpus import as_overrides, run_config, write_pg19
 
 
 @pytest.fixture(scope="module")
