@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 from pipeline.config import RunConfig, fingerprint, to_dict
 from pipeline.sources import Unit, in_sample, plan_units, read_unit, split_files
 from pipeline.storage import filesystem, join, read_json, write_bytes_atomic, write_json_atomic
-from pipeline.tokenizer import Tokenizer, tokenizer_hash, train_tokenizer
+from pipeline.tokenizer import Tokenizer, tokenizer_hash, train_tokenizer, training_pieces
 
 MANIFEST = "manifest.json"
 COMPLETE = "_COMPLETE"
@@ -256,12 +256,20 @@ def _source_config(source: dict):
 
 
 def _sample_documents(batch: dict, source: dict, fraction: float, seed: int) -> dict:
+    """Pieces of documents (whole lines, at most 16 KB), each kept with probability `fraction`.
+
+    The key is the document's place relative to the corpus root and the piece's index, so a corpus
+    samples the same wherever it is stored, and a few long books still give a sample of about the
+    asked size instead of all or nothing.
+    """
     cfg = _source_config(source)
+    root = filesystem(cfg.path, cfg.storage_options)
+    prefix = root[0].unstrip_protocol(root[1])
     texts = []
     for item in batch["item"]:
         for doc in read_unit(cfg, json.loads(item)).documents:
-            if in_sample(doc.source, fraction, seed):
-                texts.append(doc.text)
+            name = doc.source.removeprefix(prefix)
+            texts += [p for i, p in enumerate(training_pieces([doc.text])) if in_sample(f"{name}#{i}", fraction, seed)]
     return {"text": texts}
 
 

@@ -22,10 +22,10 @@ MAX_SENTENCE_BYTES = 16384  # training pieces are cut at line boundaries to at m
 
 
 def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> bytes:
-    """Train a model on `texts` (documents) and return its serialized bytes."""
+    """Train a model on `texts` (documents or pieces of them) and return its serialized bytes."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_training_pieces(texts),
+        sentence_iterator=training_pieces(texts),
         model_writer=model,
         vocab_size=cfg.vocab_size,
         model_type=cfg.model_type,
@@ -44,7 +44,7 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> bytes:
     return model.getvalue()
 
 
-def _training_pieces(texts: Iterable[str]) -> Iterator[str]:
+def training_pieces(texts: Iterable[str]) -> Iterator[str]:
     """Documents cut into pieces of whole lines (newlines kept) that fit max_sentence_length."""
     for text in texts:
         piece: list[str] = []

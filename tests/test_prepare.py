@@ -186,3 +186,24 @@ def test_shared_corpora(ray_cluster, tmp_path, kind):
     tok = Tokenizer((Path(dataset_dir(cfg)) / "tokenizer.model").read_bytes())
     row = read_split(Path(dataset_dir(cfg)), manifest, "test")["tokens"][0]
     assert tok.decode(row) and tok.sp.unk_id() not in row  # byte fallback: nothing maps to <unk>
+
+
+def test_tokenizer_sample_is_the_same_wherever_the_corpus_lives(books, tmp_path):
+    import json
+    import shutil
+
+    from pipeline.config import to_dict
+    from pipeline.prepare import _sample_documents
+    from pipeline.sources import plan_units, split_files
+
+    corpus, _ = books
+    shutil.copytree(corpus, tmp_path / "copy")
+    samples = []
+    for path in (corpus, tmp_path / "copy"):
+        source = config(tmp_path, path).data.source
+        units = plan_units(source, "train", split_files(source, ["train"])["train"])
+        batch = {"item": [json.dumps(u.to_dict()) for u in units]}
+        samples.append(_sample_documents(batch, to_dict(source), fraction=0.3, seed=0)["text"])
+    assert samples[0] == samples[1] and 0 < len(samples[0])
+    everything = _sample_documents(batch, to_dict(source), fraction=1.0, seed=0)["text"]
+    assert 0.15 < len(samples[0]) / len(everything) < 0.45  # pieces, not whole books: close to the fraction
