@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from models import PRESETS, ModelConfig, build_model
 from pipeline.config import RunConfig, TrainConfig, from_dict, to_dict
 from pipeline.prepare import dataset_dir, load_manifest
-from pipeline.storage import absolute, filesystem, join, read_json, write_json_atomic
+from pipeline.storage import absolute, filesystem, join, read_json, write_bytes_atomic, write_json_atomic
 
 STATE = "state.pt"
 DIVERGED = "diverged.json"
@@ -230,11 +230,9 @@ class _RankZeroLog:
 
 
 def _write_pid(payload: dict, rank: int) -> None:
-    """Worker pids, for operators (and the fault test) to find a worker process."""
-    folder = os.path.join(payload["run_dir"], "workers")
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f"rank-{rank}.pid"), "w") as f:
-        f.write(str(os.getpid()))
+    """Worker pids, for operators (and the fault test) to find a worker process; run_dir may be gs://."""
+    fs, path = filesystem(join(payload["run_dir"], "workers", f"rank-{rank}.pid"))
+    write_bytes_atomic(fs, path, str(os.getpid()).encode())
 
 
 # ---------------------------------------------------------------------------------------------------
