@@ -4,6 +4,7 @@ import gzip
 import io
 import json
 import uuid
+from pathlib import Path
 
 import fsspec
 import pyarrow as pa
@@ -151,3 +152,11 @@ def test_config_overrides_and_unknown_keys(tmp_path):
         load_config(path, ["data.pack.seq_len=long"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_every_shipped_config_loads():
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg.name and cfg.data.source.path, path

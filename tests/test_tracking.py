@@ -21,3 +21,4 @@ def test_unreachable_tracking_server_is_a_clear_error_before_any_work(tmp_path):
 
 def test_flatten():
     assert flatten({"a": {"b": 1, "c": {"d": [2]}}, "e": "x"}) == {"a.b": 1, "a.c.d": [2], "e": "x"}
+
