@@ -7,6 +7,7 @@ and calls `step_done()` after each optimizer step (XLA cuts and runs its graph t
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,9 @@ class Backend:
 
     def wrap(self, model: nn.Module, cfg: TrainConfig) -> nn.Module:
         return model
+
+    def to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch.to(self.device)
 
     def no_sync(self, model: nn.Module):
         return model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
@@ -80,8 +84,22 @@ class CUDABackend(Backend):
 class XLABackend(Backend):
     """One worker per host; torch_xla SPMD shards the batch over the host's devices (and hosts)."""
 
-    def wrap(self, model: nn.Module, cfg: TrainConfig) -> nn.Module:
-        return model
+    @functools.cached_property
+    def mesh(self):
+        import numpy as np
+        import torch_xla.distributed.spmd as xs
+        import torch_xla.runtime as xr
+
+        devices = xr.global_runtime_device_count()
+        return xs.Mesh(np.arange(devices), (devices, 1), ("data", "model"))
+
+    def to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """Shard the batch's rows over every device of the mesh (SPMD data parallel)."""
+        import torch_xla.distributed.spmd as xs
+
+        batch = batch.to(self.device)
+        xs.mark_sharding(batch, self.mesh, ("data", None))
+        return batch
 
     def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
         return value  # SPMD: the loss is already global
@@ -126,20 +144,6 @@ def make_backend(cfg: TrainConfig) -> Backend:
         xr.use_spmd()
         return XLABackend("xla", torch_xla.device(), _dtype(cfg, accelerator=True))
     raise ValueError(f"train.backend={cfg.backend!r}: use cpu, cuda or xla")
-
-
-def shard_batch(backend: Backend, batch: torch.Tensor) -> torch.Tensor:
-    """Move a batch to the device; under XLA SPMD, shard its rows over every device of the mesh."""
-    batch = batch.to(backend.device)
-    if backend.name == "xla":
-        import numpy as np
-        import torch_xla.distributed.spmd as xs
-        import torch_xla.runtime as xr
-
-        devices = xr.global_runtime_device_count()
-        mesh = xs.Mesh(np.arange(devices), (devices, 1), ("data", "model"))
-        xs.mark_sharding(batch, mesh, ("data", None))
-    return batch
 
 
 def xla_backend_config() -> Any:

@@ -7,6 +7,7 @@ because a checkpoint must pin the exact position in the data: the order here is 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -40,10 +41,14 @@ class TrainRows:
             raise ValueError(f"{dataset_url}: no full training row of {self.seq_len} tokens; prepare more data")
         self._cache: tuple[int, np.ndarray] | None = None
 
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - a few small arrays, reused for every row of an epoch
     def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.files))
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.files))
         return order, np.cumsum([0] + [self.sizes[i] for i in order])
+
+    @functools.lru_cache(maxsize=4)  # noqa: B019
+    def _row_order(self, epoch: int, shard: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch, shard]).permutation(self.sizes[shard])
 
     def _shard(self, index: int) -> np.ndarray:
         if self._cache is None or self._cache[0] != index:
@@ -60,8 +65,7 @@ class TrainRows:
             order, starts = self._epoch_order(epoch)
             k = int(np.searchsorted(starts, offset, side="right")) - 1
             shard = int(order[k])
-            within = np.random.default_rng([self.seed, epoch, shard]).permutation(self.sizes[shard])
-            out.append(self._shard(shard)[within[offset - starts[k]]])
+            out.append(self._shard(shard)[self._row_order(epoch, shard)[offset - starts[k]]])
         return np.stack(out).astype(np.int64)
 
 

@@ -134,7 +134,8 @@ def prepare(cfg: RunConfig, on_item: ItemCallback | None = None) -> dict[str, An
     connect(cfg.ray)
     num_actors = cfg.data.num_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
 
-    model_bytes = _ensure_tokenizer(cfg, fs, out, units.get("train") or units[cfg.data.splits[0]], files)
+    sample_split = "train" if "train" in units else cfg.data.splits[0]
+    model_bytes = _ensure_tokenizer(cfg, fs, out, units[sample_split], files[sample_split])
     stage_seconds = {"plan_and_tokenizer": time.perf_counter() - started}
 
     unit_results = _run_items(
@@ -199,8 +200,12 @@ def _run_items(stage: str, items: list[dict], done, fs, task: dict, on_item: Ite
     """Run the items whose sidecar is missing through Ray Data; return the results of all items."""
     import ray
 
-    finished = [read_json(fs, done(item)) for item in items if fs.exists(done(item))]
-    pending = [item for item in items if not fs.exists(done(item))]
+    finished, pending = [], []
+    for item in items:
+        if fs.exists(done(item)):
+            finished.append(read_json(fs, done(item)))
+        else:
+            pending.append(item)
     if pending:
         ds = ray.data.from_items([{"item": json.dumps(i)} for i in pending], override_num_blocks=len(pending))
         ds = ds.map_batches(batch_size=1, **task)
@@ -216,7 +221,7 @@ def _run_items(stage: str, items: list[dict], done, fs, task: dict, on_item: Ite
 # Stage 1: tokenizer
 
 
-def _ensure_tokenizer(cfg: RunConfig, fs, out: str, train_units: list[Unit], files: dict) -> bytes:
+def _ensure_tokenizer(cfg: RunConfig, fs, out: str, train_units: list[Unit], train_files: list[str]) -> bytes:
     path = join(out, TOKENIZER)
     if fs.exists(path):
         with fs.open(path, "rb") as f:
@@ -229,7 +234,6 @@ def _ensure_tokenizer(cfg: RunConfig, fs, out: str, train_units: list[Unit], fil
 
         src = cfg.data.source
         src_fs, _ = filesystem(src.path, src.storage_options)
-        train_files = files[train_units[0].split]
         total = sum(size or 0 for size in src_fs.sizes([src_fs._strip_protocol(p) for p in train_files]))
         fraction = min(1.0, tok.sample_bytes / max(total, 1))
         ds = ray.data.from_items([{"item": json.dumps(u.to_dict())} for u in train_units],

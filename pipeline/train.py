@@ -11,6 +11,7 @@ Rank 0 logs metrics to MLflow and prints progress, which Ray streams to the driv
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -105,7 +106,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def train_loop(payload: dict[str, Any]) -> None:
     import ray.train
 
-    from pipeline.backends import make_backend, shard_batch
+    from pipeline.backends import make_backend
     from pipeline.data import TrainRows, eval_windows
 
     cfg = from_dict(RunConfig, payload["cfg"])
@@ -146,9 +147,9 @@ def train_loop(payload: dict[str, Any]) -> None:
         losses = []
         for micro in range(accumulation):
             position = step * step_rows + (rank * accumulation + micro) * tc.micro_batch
-            batch = shard_batch(backend, torch.from_numpy(rows.rows(position, tc.micro_batch)))
+            batch = backend.to_device(torch.from_numpy(rows.rows(position, tc.micro_batch)))
             sync = micro == accumulation - 1
-            with backend.autocast(), (backend.no_sync(model) if not sync else _null()):
+            with backend.autocast(), (backend.no_sync(model) if not sync else contextlib.nullcontext()):
                 loss = lm_loss(model, batch)
                 (loss / accumulation).backward()
             losses.append(loss.detach())
@@ -188,22 +189,14 @@ def train_loop(payload: dict[str, Any]) -> None:
         tracker.client.set_tag(tracker.run_id, "gss.xla_fallbacks", json.dumps(backend.fallback_ops()))
 
 
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def _validate(model, backend, windows: torch.Tensor, rank: int, world: int, micro_batch: int) -> float:
-    from pipeline.backends import shard_batch
-
     model.eval()
     mine = windows[rank::world] if backend.name != "xla" else windows
     total = torch.zeros((), device=backend.device)
     for i in range(0, len(mine), micro_batch):
         with backend.autocast():
-            total += lm_loss(model, shard_batch(backend, mine[i: i + micro_batch])) * len(mine[i: i + micro_batch])
+            total += lm_loss(model, backend.to_device(mine[i: i + micro_batch])) * len(mine[i: i + micro_batch])
     model.train()
     return backend.all_reduce_mean(total / max(1, len(mine))).cpu().item()  # .cpu(): a transfer, not a fallback
 
