@@ -52,7 +52,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     train_stage(_config(args))
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gss", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -82,8 +82,11 @@ def main(argv: list[str] | None = None) -> None:
     params = commands.add_parser("params", help="parameter counts of the model presets")
     params.add_argument("presets", nargs="*")
     params.set_defaults(func=cmd_params)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     args.func(args)
 
 
