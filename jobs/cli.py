@@ -52,6 +52,69 @@ def cmd_train(args: argparse.Namespace) -> None:
     train_stage(_config(args))
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from pipeline.evaluate import EvalError, eval_stage
+
+    try:
+        eval_stage(_config(args))
+    except EvalError as e:
+        raise SystemExit(f"gss eval: {e}") from None
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from jobs.run import local_config, run_pipeline
+
+    words = list(args.config_and_overrides)
+    if words and "=" not in words[0]:
+        cfg = _config(args)
+    else:  # no CONFIG: the README's main job on local text
+        from pipeline.config import ConfigError
+
+        try:
+            cfg = local_config(words)
+        except ConfigError as e:
+            raise SystemExit(f"gss: {e}") from None
+    run_pipeline(cfg)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from jobs.compare import compare
+
+    compare(_config(args), args.runs, split=args.split, metric=args.metric, out=args.out)
+
+
+def cmd_reeval(args: argparse.Namespace) -> None:
+    from jobs.reeval import reeval
+
+    reeval(_config(args))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from pipeline.evaluate import default_model_uri, load_model
+    from pipeline.prepare import TOKENIZER, dataset_dir, load_manifest
+    from pipeline.storage import filesystem, join
+    from pipeline.tokenizer import Tokenizer
+
+    cfg = _config(args)
+    dataset = dataset_dir(cfg)
+    load_manifest(dataset)  # a clear error if the dataset (and so the tokenizer) is not there
+    fs, path = filesystem(dataset)
+    tokenizer = Tokenizer(fs.cat_file(join(path, TOKENIZER)))
+    model = load_model(cfg.eval.model or default_model_uri(cfg)).model.eval()
+    torch.manual_seed(args.seed)
+    prompt = [tokenizer.eod_id] + tokenizer.sp.encode(args.prompt)  # a document starts after </s>
+    out = model.generate(torch.tensor([prompt]), args.max_new_tokens, args.temperature, args.top_k)
+    print(args.prompt + tokenizer.decode(out[0, len(prompt):].tolist()))
+
+
+def cmd_submit(args: argparse.Namespace) -> None:
+    from jobs.submit import submit_main
+
+    submit_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gss", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +141,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG] [key.sub=value ...]")
     train.set_defaults(func=cmd_train)
+
+    def staged(name: str, help: str, description: str, func) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=description)
+        sub.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG] [key.sub=value ...]")
+        sub.set_defaults(func=func)
+        return sub
+
+    staged("eval", "perplexity against evaluation length (zero-shot beyond the training length), to MLflow",
+           "Score a model (eval.model: a checkpoint folder or an MLflow model URI; default: this run's registered "
+           "model) on eval.splits at eval.lengths: token and word-level perplexity, bits per byte, a plot.", cmd_eval)
+    staged("run", "prepare -> train -> eval under one MLflow parent run; complete stages are skipped",
+           "Without CONFIG: the main job on local text (../shared/corpora when present, else the Python standard "
+           "library's source), offline, in a few minutes on a CPU.", cmd_run)
+    compare = staged("compare", "compare evaluated runs: a table and a plot of perplexity against length",
+                     "From the MLflow store alone: every finished eval run of the experiment, or --runs.", cmd_compare)
+    compare.add_argument("--runs", nargs="*", default=[], help="eval runs or `gss run` parent runs (ids)")
+    compare.add_argument("--split", default="", help="default: the first of eval.splits")
+    compare.add_argument("--metric", default="token_ppl", help="token_ppl | word_ppl | bits_per_byte")
+    compare.add_argument("--out", default="", help="folder for compare.md/.csv/.png (default <root>/compare/...)")
+    staged("reeval", "evaluate registered models that lack results for the current suite (idempotent)",
+           "For every registered model's `current` version trained with this dataset's tokenizer, evaluate the "
+           "(split, length) pairs no finished eval run has; nothing when all are there.", cmd_reeval)
+    generate = staged("generate", "sample text from a model with recurrent decoding",
+                      "The model is eval.model (default: this run's registered model); the tokenizer is the "
+                      "dataset's.", cmd_generate)
+    generate.add_argument("--prompt", default="The ")
+    generate.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=200)
+    generate.add_argument("--temperature", type=float, default=0.8)
+    generate.add_argument("--top-k", dest="top_k", type=int, default=40)
+    generate.add_argument("--seed", type=int, default=0)
+
+    submit = commands.add_parser(
+        "submit", help="submit a gss command to a Ray cluster (Ray Jobs API); follow, status, logs, stop",
+        description="gss submit [--address URL] [--no-wait] -- gss <command> [CONFIG] [key=value ...]; "
+                    "or --status/--logs/--stop JOB_ID. The project, MLflow and storage settings travel with it.")
+    submit.add_argument("--address", default="", help="the cluster's dashboard URL (default $RAY_ADDRESS, "
+                        "else http://127.0.0.1:8265: a tunnel from `ray dashboard ray_cluster.yaml`)")
+    submit.add_argument("--no-wait", dest="wait", action="store_false", help="return after submitting")
+    submit.add_argument("--status", metavar="JOB_ID")
+    submit.add_argument("--logs", metavar="JOB_ID")
+    submit.add_argument("--stop", metavar="JOB_ID")
+    submit.add_argument("command", nargs=argparse.REMAINDER, help="-- gss <command> ...")
+    submit.set_defaults(func=cmd_submit)
 
     params = commands.add_parser("params", help="parameter counts of the model presets")
     params.add_argument("presets", nargs="*")

@@ -39,7 +39,7 @@ class SourceConfig:
     # files/pg19 with no validation/test glob: hold out this fraction of the train files for each
     holdout_fraction: float = 0.0
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options, e.g. {token: anon}
-    unit_bytes: int = 32 << 20  # files are read and tokenized in units of about this many bytes
+    unit_bytes: int = 32 << 20  # files are read, tokenized and written in units (= shards) of about this many bytes
 
 
 @dataclass
@@ -54,7 +54,6 @@ class TokenizerConfig:
 @dataclass
 class PackConfig:
     seq_len: int = 4096  # training rows have exactly this many tokens (the last row may be shorter)
-    shard_tokens: int = 16 << 20  # about this many tokens per Parquet shard (~40 MB with zstd)
     eval_piece_tokens: int = 131072  # validation/test documents longer than this are cut into pieces
 
 
@@ -97,6 +96,19 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    # evaluation lengths: every document is scored whole, in consecutive windows of each length (lengths
+    # longer than the longest document are skipped); beyond the training length this is zero-shot
+    lengths: list[int] = field(default_factory=lambda: [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536])
+    splits: list[str] = field(default_factory=lambda: ["test"])
+    model: str = ""  # a checkpoint folder or an MLflow model URI; empty: models:/<registered name>@current
+    piece_tokens: int = 2048  # a window is run in pieces of this many tokens, the state carried between them
+    batch_size: int = 4  # windows per forward pass
+    max_documents: int = 0  # score only the first n documents of each split; 0 = all
+    device: str = "auto"  # auto (cuda if there is one) | cpu | cuda
+
+
+@dataclass
 class TrackingConfig:
     uri: str = ""  # MLflow tracking URI; empty: $MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db
     experiment: str = "gss"
@@ -114,6 +126,7 @@ class RunConfig:
     root: str = "runs"  # everything a run writes goes under here (local path or gs://...)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 

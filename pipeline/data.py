@@ -70,18 +70,18 @@ class TrainRows:
 
 
 def eval_documents(dataset_url: str, split: str, limit: int | None = None) -> list[dict[str, Any]]:
-    """Documents of an evaluation split, pieces joined: {doc, tokens (int64 array), n_words, n_bytes, source}."""
+    """Documents of an evaluation split in corpus order, pieces joined: {doc, tokens (int64), n_words, n_bytes, source}."""
     manifest = load_manifest(dataset_url)
-    docs: dict[int, dict[str, Any]] = {}
-    for shard in manifest["splits"][split]["shards"]:
+    docs: dict[tuple[int, int], dict[str, Any]] = {}  # (shard, doc in the shard)
+    for k, shard in enumerate(manifest["splits"][split]["shards"]):
         table = _read_table(dataset_url, shard["file"]).to_pydict()
         for i, doc in enumerate(table["doc"]):
-            if doc not in docs:
+            if (k, doc) not in docs:
                 if limit is not None and len(docs) >= limit:
                     break
-                docs[doc] = {"doc": doc, "pieces": [], "n_words": table["n_words"][i], "n_bytes": table["n_bytes"][i],
-                             "source": table["source"][i]}
-            docs[doc]["pieces"].append(table["tokens"][i])
+                docs[k, doc] = {"doc": len(docs), "pieces": [], "n_words": table["n_words"][i],
+                                "n_bytes": table["n_bytes"][i], "source": table["source"][i]}
+            docs[k, doc]["pieces"].append(table["tokens"][i])
     out = []
     for d in docs.values():
         tokens = np.concatenate([np.asarray(p, dtype=np.int64) for p in d.pop("pieces")])

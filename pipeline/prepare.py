@@ -3,10 +3,13 @@
 Output, under `<root>/datasets/<kind>-<fingerprint of the data config>/`:
 
     tokenizer.model
-    train/shard-00000.parquet ...       rows of exactly seq_len tokens (only the very last row may be shorter):
-                                        row, tokens, doc_starts (offsets where a document begins), first_doc
-    validation/shard-00000.parquet ...  one row per document piece: doc, piece, n_pieces, tokens, source,
-    test/...                            n_words, n_bytes (of the whole document)
+    train/shard-00000.parquet ...       rows of exactly seq_len tokens: tokens, doc_starts (offsets in the row
+                                        where a document begins). Shard k holds work unit k's documents (see
+                                        `sources`), each followed by the end-of-document id, cut into rows;
+                                        the last shard holds the units' leftover tails, cut the same way (only
+                                        its very last row may be shorter).
+    validation/shard-00000.parquet ...  one row per document piece: doc (its index in the shard), piece,
+    test/...                            n_pieces, tokens, source, n_words, n_bytes (of the whole document)
     manifest.json                       resolved config, tokenizer hash, per-shard rows/tokens/sha256, counts, skips
     _COMPLETE                           written last; its presence means everything above is final
 
@@ -14,13 +17,13 @@ Stages, each a Ray Data job over work items that are done at most once:
 
 1. tokenizer: sample training documents (a hash of their name decides, so any partitioning samples
    the same ones) and train SentencePiece; or copy the one given.
-2. tokenize: units of the corpus (see `sources`) go to an actor pool that holds the SentencePiece
-   processor; each unit's token arrays are written to `_work/` with a JSON sidecar written last.
-3. pack: the documents of a split, in corpus order, each followed by the end-of-document id, are one
-   stream; shard k holds rows [k*R, (k+1)*R) of it. Each shard is written by its own task, reading
-   only the units it overlaps, and its sidecar is written last.
+2. tokenize and pack, in one pass: units of the corpus go to an actor pool that holds the SentencePiece
+   processor; each unit becomes its own shard, written by the actor, and a JSON sidecar written last.
+   A training unit's tokens that do not fill a last row (its tail) go to `_work/`.
+3. tails: the driver packs the tails, in unit order, into the last training shard (less than one row
+   per unit, so small).
 
-A re-run skips every item whose sidecar exists, so an interrupted job resumes with no duplicates and
+A re-run skips every unit whose sidecar exists, so an interrupted job resumes with no duplicates and
 no gaps, and its output is byte for byte that of an uninterrupted run. A different data config is a
 different fingerprint, hence a new folder beside the old one.
 """
@@ -51,9 +54,9 @@ from pipeline.tokenizer import Tokenizer, tokenizer_hash, train_tokenizer, train
 MANIFEST = "manifest.json"
 COMPLETE = "_COMPLETE"
 TOKENIZER = "tokenizer.model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a shard per unit plus a tails shard
 
-ItemCallback = Callable[[str, dict], None]  # (stage, item result) after each finished work item
+ItemCallback = Callable[[dict], None]  # called with each finished unit's result
 
 
 class PrepareError(RuntimeError):
@@ -102,7 +105,11 @@ def _read_bytes(url: str) -> bytes:
 
 
 def _unit_name(split: str, index: int) -> str:
-    return f"_work/tokens/{split}/unit-{index:05d}"
+    return f"_work/units/{split}/unit-{index:05d}"
+
+
+def _tail_name(index: int) -> str:
+    return f"_work/tails/unit-{index:05d}.parquet"
 
 
 def _shard_name(split: str, index: int) -> str:
@@ -139,18 +146,18 @@ def prepare(cfg: RunConfig, on_item: ItemCallback | None = None) -> dict[str, An
     stage_seconds = {"plan_and_tokenizer": time.perf_counter() - started}
 
     unit_results = _run_items(
-        "tokenize",
         [u.to_dict() for split in units for u in units[split]],
         done=lambda u: join(out, _unit_name(u["split"], u["index"]) + ".json"),
         fs=fs,
         task=dict(
             fn=_TokenizeUnits,
-            fn_constructor_kwargs={"source": to_dict(src), "model_bytes": model_bytes, "out_url": out_url},
+            fn_constructor_kwargs={"source": to_dict(src), "model_bytes": model_bytes, "out_url": out_url,
+                                   "pack": to_dict(cfg.data.pack)},
             compute=ray.data.ActorPoolStrategy(size=num_actors),
         ),
         on_item=on_item,
     )
-    stage_seconds["tokenize"] = time.perf_counter() - started - sum(stage_seconds.values())
+    stage_seconds["tokenize_and_pack"] = time.perf_counter() - started - sum(stage_seconds.values())
     by_split: dict[str, list[dict]] = {split: [] for split in units}
     for r in unit_results:
         by_split[r["split"]].append(r)
@@ -163,24 +170,12 @@ def prepare(cfg: RunConfig, on_item: ItemCallback | None = None) -> dict[str, An
                 f"{sum(reasons.values())} skipped ({dict(reasons) or 'none'}); check data.source "
                 "(path, splits, text_field, languages, licenses)"
             )
+    tail_shard = _pack_tails(fs, out, by_split["train"], cfg.data.pack.seq_len) if "train" in by_split else None
+    stage_seconds["tails"] = time.perf_counter() - started - sum(stage_seconds.values())
 
-    pack = cfg.data.pack
-    shard_plans = [p for split, results in by_split.items() for p in _plan_shards(split, results, pack, out_url)]
-    shard_results = _run_items(
-        "pack",
-        shard_plans,
-        done=lambda p: join(out, _shard_name(p["split"], p["index"]) + ".json"),
-        fs=fs,
-        task=dict(fn=_write_shards, fn_kwargs={"out_url": out_url, "pack": to_dict(pack)}, num_cpus=1),
-        on_item=on_item,
-    )
-
-    stage_seconds["pack"] = time.perf_counter() - started - sum(stage_seconds.values())
-    manifest = _manifest(cfg, model_bytes, by_split, shard_results)
+    manifest = _manifest(cfg, model_bytes, by_split, tail_shard)
     write_json_atomic(fs, join(out, MANIFEST), manifest)
     write_bytes_atomic(fs, join(out, COMPLETE), b"")
-    for path in fs.glob(join(out, "*", "*.json")):  # shard sidecars: their content is in the manifest now
-        fs.rm(path)
     fs.rm(join(out, "_work"), recursive=True)
 
     seconds = time.perf_counter() - started
@@ -196,7 +191,7 @@ def prepare(cfg: RunConfig, on_item: ItemCallback | None = None) -> dict[str, An
     return {**manifest, "stats": stats}
 
 
-def _run_items(stage: str, items: list[dict], done, fs, task: dict, on_item: ItemCallback | None) -> list[dict]:
+def _run_items(items: list[dict], done, fs, task: dict, on_item: ItemCallback | None) -> list[dict]:
     """Run the items whose sidecar is missing through Ray Data; return the results of all items."""
     import ray
 
@@ -213,7 +208,7 @@ def _run_items(stage: str, items: list[dict], done, fs, task: dict, on_item: Ite
             result = json.loads(row["result"])
             finished.append(result)
             if on_item:
-                on_item(stage, result)
+                on_item(result)
     return finished
 
 
@@ -278,47 +273,52 @@ def _sample_documents(batch: dict, source: dict, fraction: float, seed: int) -> 
 
 
 # ---------------------------------------------------------------------------------------------------
-# Stage 2: tokenize units
+# Stage 2: tokenize and pack units
 
 
 class _TokenizeUnits:
-    """A Ray Data actor: holds the SentencePiece processor, tokenizes units, writes their token arrays."""
+    """A Ray Data actor: holds the SentencePiece processor, turns each unit into a finished shard."""
 
-    def __init__(self, source: dict, model_bytes: bytes, out_url: str):
+    def __init__(self, source: dict, model_bytes: bytes, out_url: str, pack: dict):
         self.cfg = _source_config(source)
         self.tokenizer = Tokenizer(model_bytes)
         self.fs, self.out = filesystem(out_url)
+        self.seq_len, self.piece_tokens = pack["seq_len"], pack["eval_piece_tokens"]
 
     def __call__(self, batch: dict) -> dict:
         return {"result": [json.dumps(self.tokenize(json.loads(item))) for item in batch["item"]]}
 
     def tokenize(self, unit: dict) -> dict:
-        read = read_unit(self.cfg, unit)
-        arrays = [self.tokenizer.encode_document(d.text) for d in read.documents]
-        # whitespace words, for word-level perplexity: only evaluation splits need them (and they cost ~20%)
-        words = [len(d.text.split()) if unit["split"] != "train" else 0 for d in read.documents]
-        lengths = np.array([len(a) for a in arrays], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        flat = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
-        table = pa.table({
-            "tokens": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.int32())),
-            "source": [d.source for d in read.documents],
-            "n_words": pa.array(words, pa.int64()),
-            "n_bytes": pa.array([len(d.text.encode()) for d in read.documents], pa.int64()),
-        })
-        name = join(self.out, _unit_name(unit["split"], unit["index"]))
-        write_bytes_atomic(self.fs, name + ".parquet", _parquet_bytes(table, compression="none"))  # read once
+        split, read = unit["split"], read_unit(self.cfg, unit)
+        # all cores of the node: while the pool drains, the last actor still uses every core
+        arrays = self.tokenizer.encode_documents([d.text for d in read.documents], num_threads=os.cpu_count() or 1)
+        n_bytes = [len(d.text.encode()) for d in read.documents]
         result = {
-            "split": unit["split"],
+            "split": split,
             "index": unit["index"],
             "documents": len(arrays),
-            "tokens": int(lengths.sum()),
-            "words": sum(words),
-            "bytes": int(table["n_bytes"].to_numpy().sum()) if arrays else 0,
+            "tokens": sum(len(a) for a in arrays),
+            # whitespace words, for word-level perplexity: only evaluation splits need them (and they cost ~20%)
+            "words": 0,
+            "bytes": sum(n_bytes),
             "filtered": read.filtered,
             "skips": [dataclasses.asdict(s) for s in read.skips],
+            "shard": None,
         }
-        write_json_atomic(self.fs, name + ".json", result)  # last: the unit is done
+        if split == "train":
+            stream = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
+            starts = np.cumsum([0] + [len(a) for a in arrays[:-1]]) if arrays else np.zeros(0, np.int64)
+            full = len(stream) // self.seq_len * self.seq_len
+            table = _train_rows(stream[:full], starts[starts < full], self.seq_len)
+            tail = _train_rows(stream[full:], starts[starts >= full] - full, self.seq_len)
+            write_bytes_atomic(self.fs, join(self.out, _tail_name(unit["index"])), _parquet_bytes(tail, "none"))
+        else:
+            words = [len(d.text.split()) for d in read.documents]
+            result["words"] = sum(words)
+            table = _eval_rows(arrays, [d.source for d in read.documents], words, n_bytes, self.piece_tokens)
+        if table.num_rows:
+            result["shard"] = _write_shard(self.fs, self.out, split, unit["index"], table)
+        write_json_atomic(self.fs, join(self.out, _unit_name(split, unit["index"]) + ".json"), result)  # last
         return result
 
 
@@ -329,103 +329,39 @@ def _parquet_bytes(table: pa.Table, compression: str = "zstd") -> bytes:
     return buf.getvalue()
 
 
-# ---------------------------------------------------------------------------------------------------
-# Stage 3: pack and write shards
+def _write_shard(fs, out: str, split: str, index: int, table: pa.Table) -> dict:
+    data = _parquet_bytes(table)
+    name = _shard_name(split, index) + ".parquet"
+    write_bytes_atomic(fs, join(out, name), data)
+    tokens = int(pc.sum(pc.list_value_length(table["tokens"])).as_py() or 0)
+    return {"file": name, "rows": table.num_rows, "tokens": tokens, "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def _plan_shards(split: str, units: list[dict], pack, out_url: str) -> list[dict]:
-    """Shards of a split as token ranges (train) or unit ranges (evaluation splits)."""
-    refs, token_start, doc_start = [], 0, 0
-    for u in units:
-        refs.append({"index": u["index"], "token_start": token_start, "doc_start": doc_start, "tokens": u["tokens"]})
-        token_start += u["tokens"]
-        doc_start += u["documents"]
-    plans = []
-    if split == "train":
-        rows_per_shard = max(1, pack.shard_tokens // pack.seq_len)
-        shard_tokens = rows_per_shard * pack.seq_len
-        for k, start in enumerate(range(0, token_start, shard_tokens)):
-            end = min(start + shard_tokens, token_start)
-            overlap = [r for r in refs if r["token_start"] < end and r["token_start"] + r["tokens"] > start]
-            plans.append({"split": split, "index": k, "token_start": start, "token_end": end, "units": overlap})
-    else:
-        group: list[dict] = []
-        for r in refs:
-            group.append(r)
-            if sum(g["tokens"] for g in group) >= pack.shard_tokens or r is refs[-1]:
-                plans.append({"split": split, "index": len(plans), "units": group})
-                group = []
-    return plans
-
-
-def _write_shards(batch: dict, out_url: str, pack: dict) -> dict:
-    fs, out = filesystem(out_url)
-    results = []
-    for item in batch["item"]:
-        plan = json.loads(item)
-        table = _train_rows(fs, out, plan, pack["seq_len"]) if plan["split"] == "train" else _eval_rows(
-            fs, out, plan, pack["eval_piece_tokens"])
-        data = _parquet_bytes(table)
-        name = join(out, _shard_name(plan["split"], plan["index"]))
-        write_bytes_atomic(fs, name + ".parquet", data)
-        tokens = int(pc.sum(pc.list_value_length(table["tokens"])).as_py() or 0)
-        result = {
-            "split": plan["split"],
-            "index": plan["index"],
-            "file": _shard_name(plan["split"], plan["index"]) + ".parquet",
-            "rows": table.num_rows,
-            "tokens": tokens,
-            "sha256": hashlib.sha256(data).hexdigest(),
-        }
-        write_json_atomic(fs, name + ".json", result)  # last: the shard is done
-        results.append(json.dumps(result))
-    return {"result": results}
-
-
-def _read_unit_tokens(fs, out: str, split: str, index: int) -> pa.Table:
-    with fs.open(join(out, _unit_name(split, index) + ".parquet"), "rb") as f:
-        return pq.read_table(f)
-
-
-def _train_rows(fs, out: str, plan: dict, seq_len: int) -> pa.Table:
-    start, end = plan["token_start"], plan["token_end"]  # start is a multiple of seq_len
-    pieces, doc_positions, doc_indices = [], [], []
-    for ref in plan["units"]:
-        column = _read_unit_tokens(fs, out, plan["split"], ref["index"])["tokens"].combine_chunks()
-        unit_start = ref["token_start"]
-        pieces.append(column.values.to_numpy()[max(start - unit_start, 0): end - unit_start])
-        positions = column.offsets.to_numpy()[:-1] + unit_start  # where each document starts in the split
-        doc_positions.append(positions)
-        doc_indices.append(ref["doc_start"] + np.arange(len(positions)))
-    tokens = np.concatenate(pieces)
-    positions, indices = np.concatenate(doc_positions), np.concatenate(doc_indices)
-    row_starts = np.arange(start, end, seq_len)
-    row_bounds = np.append(row_starts, end) - start  # offsets of the rows in `tokens`
-    inside = positions[(positions >= start) & (positions < end)] - start
-    cuts = np.searchsorted(inside, row_bounds)
+def _train_rows(stream: np.ndarray, doc_starts: np.ndarray, seq_len: int) -> pa.Table:
+    """`stream` cut into rows of seq_len (the last may be shorter); doc_starts: offsets of documents in it."""
+    row_bounds = np.append(np.arange(0, len(stream), seq_len), len(stream))
+    cuts = np.searchsorted(doc_starts, row_bounds)
     return pa.table({
-        "row": pa.array(row_starts // seq_len, pa.int64()),
-        "tokens": pa.ListArray.from_arrays(pa.array(row_bounds, pa.int32()), pa.array(tokens, pa.int32())),
+        "tokens": pa.ListArray.from_arrays(pa.array(row_bounds, pa.int32()), pa.array(stream, pa.int32())),
         "doc_starts": pa.ListArray.from_arrays(
-            pa.array(cuts, pa.int32()), pa.array(inside - np.repeat(row_bounds[:-1], np.diff(cuts)), pa.int32())),
-        "first_doc": pa.array(indices[np.searchsorted(positions, row_starts, "right") - 1], pa.int64()),
+            pa.array(cuts, pa.int32()),
+            pa.array(doc_starts - np.repeat(row_bounds[:-1], np.diff(cuts)), pa.int32())),
     })
 
 
-def _eval_rows(fs, out: str, plan: dict, piece_tokens: int) -> pa.Table:
+def _eval_rows(arrays: list[np.ndarray], sources: list[str], words: list[int], n_bytes: list[int],
+               piece_tokens: int) -> pa.Table:
     rows: dict[str, list] = {k: [] for k in ("doc", "piece", "n_pieces", "tokens", "source", "n_words", "n_bytes")}
-    for ref in plan["units"]:
-        unit = _read_unit_tokens(fs, out, plan["split"], ref["index"]).to_pydict()
-        for i, tokens in enumerate(unit["tokens"]):
-            n_pieces = max(1, -(-len(tokens) // piece_tokens))
-            for p in range(n_pieces):
-                rows["doc"].append(ref["doc_start"] + i)
-                rows["piece"].append(p)
-                rows["n_pieces"].append(n_pieces)
-                rows["tokens"].append(tokens[p * piece_tokens: (p + 1) * piece_tokens])
-                rows["source"].append(unit["source"][i])
-                rows["n_words"].append(unit["n_words"][i])
-                rows["n_bytes"].append(unit["n_bytes"][i])
+    for i, tokens in enumerate(arrays):
+        n_pieces = max(1, -(-len(tokens) // piece_tokens))
+        for p in range(n_pieces):
+            rows["doc"].append(i)
+            rows["piece"].append(p)
+            rows["n_pieces"].append(n_pieces)
+            rows["tokens"].append(tokens[p * piece_tokens: (p + 1) * piece_tokens])
+            rows["source"].append(sources[i])
+            rows["n_words"].append(words[i])
+            rows["n_bytes"].append(n_bytes[i])
     schema = pa.schema([("doc", pa.int64()), ("piece", pa.int32()), ("n_pieces", pa.int32()),
                         ("tokens", pa.list_(pa.int32())), ("source", pa.string()),
                         ("n_words", pa.int64()), ("n_bytes", pa.int64())])
@@ -433,27 +369,50 @@ def _eval_rows(fs, out: str, plan: dict, piece_tokens: int) -> pa.Table:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Stage 3: the training units' tails
+
+
+def _pack_tails(fs, out: str, units: list[dict], seq_len: int) -> dict | None:
+    """The tails of the training units, in unit order, as one stream cut into rows: the last training shard."""
+    streams, starts, offset = [], [], 0
+    for u in units:
+        with fs.open(join(out, _tail_name(u["index"])), "rb") as f:
+            tail = pq.read_table(f)
+        if tail.num_rows:
+            tokens = tail["tokens"][0].values.to_numpy()
+            streams.append(tokens)
+            starts.append(tail["doc_starts"][0].values.to_numpy().astype(np.int64) + offset)
+            offset += len(tokens)
+    if not offset:
+        return None
+    table = _train_rows(np.concatenate(streams), np.concatenate(starts), seq_len)
+    return _write_shard(fs, out, "train", len(units), table)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Manifest
 
 
-def _manifest(cfg: RunConfig, model_bytes: bytes, units: dict[str, list[dict]], shards: list[dict]) -> dict:
+def _manifest(cfg: RunConfig, model_bytes: bytes, units: dict[str, list[dict]], tail_shard: dict | None) -> dict:
     tok = Tokenizer(model_bytes)
     splits = {}
     for split, results in units.items():
         skips = [s for r in results for s in r["skips"]]
-        split_shards = sorted((s for s in shards if s["split"] == split), key=lambda s: s["index"])
+        shards = [r["shard"] for r in results if r["shard"]] + ([tail_shard] if split == "train" and tail_shard else [])
         splits[split] = {
             "documents": sum(r["documents"] for r in results),
             "tokens": sum(r["tokens"] for r in results),
             "words": sum(r["words"] for r in results),
             "bytes": sum(r["bytes"] for r in results),
-            "rows": sum(s["rows"] for s in split_shards),
+            "rows": sum(s["rows"] for s in shards),
             "filtered": sum(r["filtered"] for r in results),
             "skipped": len(skips),
             "skip_reasons": dict(sorted(Counter(s["reason"].split(":")[0] for s in skips).items())),
             "skips": skips,
-            "shards": [{k: s[k] for k in ("file", "rows", "tokens", "sha256")} for s in split_shards],
+            "shards": shards,
         }
+        if split == "train":  # how unit k's stream was split: shard k's rows, then these many tokens of the tails
+            splits[split]["unit_tail_tokens"] = [r["tokens"] - (r["shard"] or {"tokens": 0})["tokens"] for r in results]
     return {
         "format_version": FORMAT_VERSION,
         "data": data_identity(cfg),

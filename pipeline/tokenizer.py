@@ -66,7 +66,7 @@ def tokenizer_hash(model_bytes: bytes) -> str:
 
 
 class Tokenizer:
-    """A loaded SentencePiece model; `encode_document` appends the end-of-document id."""
+    """A loaded SentencePiece model; `encode_documents` appends the end-of-document id."""
 
     def __init__(self, model_bytes: bytes):
         self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
@@ -74,11 +74,16 @@ class Tokenizer:
         self.eod_id = self.sp.piece_to_id(EOD_PIECE)
 
     def encode_document(self, text: str) -> np.ndarray:
-        ids = self.sp.encode(text)
-        out = np.empty(len(ids) + 1, dtype=np.int32)
-        out[:-1] = ids
-        out[-1] = self.eod_id
-        return out
+        return self.encode_documents([text])[0]
+
+    def encode_documents(self, texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
+        """int32 ids of each text followed by the end-of-document id; C++ threads share the batch.
+
+        SentencePiece hands back int32 buffers directly (`return_type="numpy"`): no Python list per token.
+        """
+        eod = np.array([self.eod_id], dtype=np.int32)
+        ids = self.sp.encode(texts, return_type="numpy", num_threads=num_threads)
+        return [np.concatenate([a, eod]) for a in ids]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids if i != self.eod_id])

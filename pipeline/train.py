@@ -82,9 +82,11 @@ def lm_loss(model: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
 # Checkpoints: one file, written to a fresh folder that Ray Train persists and registers only when complete
 
 
-def save_state(folder: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+def save_state(folder: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+               model_config: dict[str, Any]) -> None:
+    """The checkpoint: everything to resume, and the model config so that `gss eval` can load it alone."""
     state = {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-             "rng": torch.get_rng_state()}
+             "rng": torch.get_rng_state(), "model_config": model_config}
     tmp = os.path.join(folder, STATE + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, os.path.join(folder, STATE))
@@ -172,7 +174,8 @@ def train_loop(payload: dict[str, Any]) -> None:
         seconds = (time.perf_counter() - interval_start) / interval_steps
         metrics = {"loss": loss_value, "ppl": math.exp(min(loss_value, 50)), "lr": lr, "grad_norm": norm_value,
                    "step_time": seconds, "tokens_per_second": step_rows * (rows.seq_len - 1) / seconds,
-                   "peak_memory_mb": backend.peak_memory_bytes() / 2**20}
+                   "peak_memory_mb": backend.peak_memory_bytes() / 2**20,
+                   "tokens_seen": step * step_rows * rows.seq_len}
         if step % tc.eval_every == 0 or last:
             metrics["val_loss"] = _validate(model, backend, validation, rank, world, tc.micro_batch)
             metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50))
@@ -181,7 +184,7 @@ def train_loop(payload: dict[str, Any]) -> None:
         if step % tc.checkpoint_every == 0 or last:
             with tempfile.TemporaryDirectory() as folder:
                 if rank == 0:
-                    save_state(folder, model, optimizer, step)
+                    save_state(folder, model, optimizer, step, payload["model"])
                 ray.train.report({"step": step, **metrics},
                                  checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None)
         interval_start, interval_steps = time.perf_counter(), 0
@@ -295,7 +298,9 @@ def train_stage(cfg: RunConfig) -> dict[str, Any]:
             f"({kept}). Lower train.lr or raise train.warmup_steps, then re-run the same run name to resume."
         )
     checkpoint = result.checkpoint
-    model_uri = _log_model(client, run.info.run_id, checkpoint, model_cfg, tc.register_as or f"gss-{cfg.name}")
+    model_uri = _log_model(client, run.info.run_id, checkpoint, model_cfg, registered_name(cfg),
+                           {"gss.dataset": dataset, "gss.tokenizer_sha256": manifest["tokenizer"]["sha256"],
+                            "gss.run_name": cfg.name})
     client.set_tag(run.info.run_id, "gss.checkpoint", checkpoint.path)
     client.log_text(run.info.run_id, "\n".join(c.path for c, _ in result.best_checkpoints), "checkpoints.txt")
     client.set_terminated(run.info.run_id, "FINISHED")
@@ -331,7 +336,11 @@ def _find_or_create_run(client, experiment_id: str, cfg: RunConfig, model_cfg: M
     return client.get_run(run.info.run_id)
 
 
-def _log_model(client, run_id: str, checkpoint, model_cfg: ModelConfig, name: str) -> str:
+def registered_name(cfg: RunConfig) -> str:
+    return cfg.train.register_as or f"gss-{cfg.name}"
+
+
+def _log_model(client, run_id: str, checkpoint, model_cfg: ModelConfig, name: str, tags: dict[str, str]) -> str:
     """Log the final model to the run and register it, with the alias `current` (`latest` is reserved)."""
     import mlflow.pytorch
 
@@ -344,6 +353,8 @@ def _log_model(client, run_id: str, checkpoint, model_cfg: ModelConfig, name: st
                                         serialization_format="pickle", pip_requirements=["torch"])
         mlflow.log_dict(dataclasses.asdict(model_cfg), "model_config.json")
     version = info.registered_model_version
+    for key, value in tags.items():  # what `gss eval` and `gss reeval` need to know about the version
+        client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, "current", version)
     client.set_tag(run_id, "gss.model_uri", f"models:/{name}@current")
     print(f"registered {name} version {version} (models:/{name}@current)")

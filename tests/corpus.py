@@ -69,7 +69,7 @@ def run_config(root: Path, corpus: Path, name: str, **train) -> dict:
         "name": name,
         "root": str(root),
         "data": {"source": {"kind": "pg19", "path": str(corpus)}, "tokenizer": {"vocab_size": 300},
-                 "pack": {"seq_len": 64, "shard_tokens": 4096}},
+                 "pack": {"seq_len": 64}},
         "train": {"preset": "small-gss", "model": TINY_MODEL, "num_workers": 2, "global_batch_tokens": 1024,
                   "micro_batch": 4, "warmup_steps": 5, "lr": 3e-3, "log_every": 5, **train},
     }

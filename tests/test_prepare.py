@@ -7,12 +7,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
+from pipeline.data import eval_documents
 from pipeline.prepare import COMPLETE, MANIFEST, PrepareError, dataset_dir, load_manifest, prepare, prepare_stage
 from pipeline.tokenizer import Tokenizer
 from tests.corpus import shared_corpus, write_arxiv, write_pg19
 
-SMALL = ["data.tokenizer.vocab_size=400", "data.pack.seq_len=128", "data.pack.shard_tokens=2048",
-         "data.source.unit_bytes=20000", "data.pack.eval_piece_tokens=1500", "data.num_actors=2"]  # fmt: skip
+SMALL = ["data.tokenizer.vocab_size=400", "data.pack.seq_len=128", "data.source.unit_bytes=20000",
+         "data.pack.eval_piece_tokens=1500", "data.num_actors=2"]  # fmt: skip
 
 
 def config(root: Path, corpus: Path, *overrides: str, kind: str = "pg19"):
@@ -52,31 +53,39 @@ def test_tokens_are_conserved_and_packed(prepared):
     tok = Tokenizer((dataset / "tokenizer.model").read_bytes())
     assert manifest["tokenizer"]["eod_id"] == tok.eod_id and manifest["tokenizer"]["vocab_size"] == tok.vocab_size
 
-    # train: one stream of every document encoded once, each followed by the end-of-document id
+    # train: shard k holds unit k's documents (each followed by the end-of-document id) in full rows; the
+    # rest of each unit (its tail) is in the last shard. Put back together, it is every document once, in order.
     expected = [tok.encode_document(t) for t in texts["train"]]
-    train = read_split(dataset, manifest, "train")
-    stream = np.concatenate([np.array(r, np.int32) for r in train["tokens"]])
-    np.testing.assert_array_equal(stream, np.concatenate(expected))
-    lengths = [len(r) for r in train["tokens"]]
-    assert set(lengths[:-1]) == {128} and 0 < lengths[-1] <= 128
-    assert train["row"] == list(range(len(lengths)))
-    assert len(manifest["splits"]["train"]["shards"]) > 1  # shards cut documents and rows across files
-
-    # document boundaries recoverable: doc_starts and first_doc give back every document's start
-    starts = np.cumsum([0] + [len(e) for e in expected])[:-1]
-    found = [i * 128 + s for i, row in enumerate(train["doc_starts"]) for s in row]
-    assert found == starts.tolist()
-    assert train["first_doc"] == [int(np.searchsorted(starts, i * 128, "right")) - 1 for i in range(len(lengths))]
+    train = manifest["splits"]["train"]
+    shards = {s["file"]: pq.read_table(dataset / s["file"]) for s in train["shards"]}
+    tails_file = f"train/shard-{len(train['unit_tail_tokens']):05d}.parquet"
+    tails_table = shards.pop(tails_file).to_pydict()
+    tails = np.concatenate(tails_table["tokens"])
+    tail_starts = np.array([i * 128 + s for i, row in enumerate(tails_table["doc_starts"]) for s in row])
+    assert len(tails) == sum(train["unit_tail_tokens"]) and len(shards) > 1
+    stream, starts, offset = [], [], 0  # the split put back together, and where its documents start
+    for k, tail_tokens in enumerate(train["unit_tail_tokens"]):
+        table = shards.get(f"train/shard-{k:05d}.parquet")
+        if table is not None:
+            assert {len(r) for r in table["tokens"].to_pylist()} == {128}  # only full rows
+            base = sum(map(len, stream))
+            starts += [base + i * 128 + s for i, row in enumerate(table["doc_starts"].to_pylist()) for s in row]
+            stream.append(np.concatenate(table["tokens"].to_numpy(zero_copy_only=False)))
+        in_tail = tail_starts[(tail_starts >= offset) & (tail_starts < offset + tail_tokens)]
+        starts += (in_tail - offset + sum(map(len, stream))).tolist()
+        stream.append(tails[offset: offset + tail_tokens])
+        offset += tail_tokens
+    np.testing.assert_array_equal(np.concatenate(stream), np.concatenate(expected))
+    # document boundaries recoverable: doc_starts give back every document's start
+    assert starts == np.cumsum([0] + [len(e) for e in expected])[:-1].tolist()
 
     # evaluation splits: documents in order, long ones in pieces, word and byte counts of the whole document
     for split in ("validation", "test"):
         rows = read_split(dataset, manifest, split)
-        for d, text in enumerate(texts[split]):
-            pieces = [r for r, doc in zip(rows["tokens"], rows["doc"]) if doc == d]
-            assert np.concatenate(pieces).tolist() == tok.encode_document(text).tolist()
-            assert max(map(len, pieces)) <= 1500
-            i = rows["doc"].index(d)
-            assert (rows["n_words"][i], rows["n_bytes"][i]) == (len(text.split()), len(text.encode()))
+        docs = eval_documents(str(dataset), split)
+        assert [d["tokens"].tolist() for d in docs] == [tok.encode_document(t).tolist() for t in texts[split]]
+        assert [(d["n_words"], d["n_bytes"]) for d in docs] == [(len(t.split()), len(t.encode())) for t in texts[split]]
+        assert max(map(len, rows["tokens"])) <= 1500
         assert manifest["splits"][split]["tokens"] == len(np.concatenate(rows["tokens"]))
         assert any(n > 1 for n in rows["n_pieces"])
 
@@ -116,9 +125,9 @@ def test_interrupted_run_resumes_to_the_same_bytes(prepared, tmp_path):
     resumed = load_config(None, [f"root={tmp_path}", f"data.source.path={cfg.data.source.path}", *SMALL])
     finished = []
 
-    def stop_after_two_shards(stage: str, result: dict) -> None:
-        finished.append(stage)
-        if finished.count("pack") == 2:
+    def stop_after_two_shards(result: dict) -> None:
+        finished.append(result)
+        if len(finished) == 2:
             raise KeyboardInterrupt  # as if the job were stopped between shards
 
     with pytest.raises(KeyboardInterrupt):
@@ -128,9 +137,10 @@ def test_interrupted_run_resumes_to_the_same_bytes(prepared, tmp_path):
     written = sorted(p.name for p in dataset.glob("train/shard-*.parquet"))
     assert 2 <= len(written) < len(reference) and (dataset / "_work").exists()
 
+    done = {(r["split"], r["index"]) for r in finished}
     finished.clear()
-    prepare(resumed, on_item=lambda stage, result: finished.append(stage))
-    assert "tokenize" not in finished  # every unit had been tokenized already
+    prepare(resumed, on_item=finished.append)
+    assert finished and not done & {(r["split"], r["index"]) for r in finished}  # no unit done twice
     assert all_files(dataset) == reference
 
 

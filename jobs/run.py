@@ -1,0 +1,84 @@
+"""`gss run`: prepare -> train -> eval as stage runs nested under one MLflow parent run.
+
+Each stage is skipped when its output exists and is complete (the dataset's `_COMPLETE`, a FINISHED
+training run, an eval run that finished the suite for this model version), so re-running an interrupted
+`gss run` resumes it, and the parent run is found again by name instead of duplicated.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import RunConfig, load_config
+
+SHARED_PG19 = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "pg19"
+
+
+def local_config(overrides: list[str]) -> RunConfig:
+    """The README's main job: a small GSS on real local text, offline.
+
+    The PG-19 sample of ../shared/corpora when it is there, else the Python standard library's own
+    source (real code every machine has), with a held-out tenth as validation and test.
+    """
+    if SHARED_PG19.is_dir():
+        source = [f"data.source.path={SHARED_PG19}", "data.source.kind=pg19"]
+    else:
+        stdlib = sysconfig.get_paths()["stdlib"]
+        source = [f"data.source.path={stdlib}", "data.source.kind=files", "data.source.holdout_fraction=0.1",
+                  "data.source.splits.train=**/*.py"]
+    return load_config(Path(__file__).resolve().parents[1] / "configs" / "local.yaml", [*source, *overrides])
+
+
+def _parent_run(cfg: RunConfig):
+    """The parent run of this run name: found again after an interruption, else created."""
+    from mlflow import MlflowClient
+
+    from pipeline import tracking
+
+    experiment_id = tracking.setup(cfg)
+    client = MlflowClient()
+    found = client.search_runs([experiment_id], f"tags.`gss.pipeline` = '{cfg.name}'", max_results=1)
+    if found:
+        return found[0]
+    return client.create_run(experiment_id, run_name=cfg.name, tags={"gss.pipeline": cfg.name,
+                                                                     "gss.run_name": cfg.name})
+
+
+def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
+    import mlflow
+
+    from pipeline.evaluate import eval_stage, suite_todo
+    from pipeline.prepare import dataset_dir, is_complete, prepare_stage
+    from pipeline.train import train_stage
+    from pipeline.tracking import log_params
+
+    parent = _parent_run(cfg)
+    with mlflow.start_run(run_id=parent.info.run_id):
+        if not parent.data.params:
+            from pipeline.config import to_dict
+
+            log_params(to_dict(cfg))
+        dataset = dataset_dir(cfg)
+        if is_complete(dataset):
+            print(f"[prepare] skipped: {dataset} is complete")
+        else:
+            prepare_stage(cfg)
+        trained = train_stage(cfg)  # a finished training run is a no-op
+        todo = suite_todo(cfg, trained["model_uri"])
+        if todo:
+            evaluated = eval_stage(cfg, trained["model_uri"], todo)
+        else:
+            print(f"[eval] skipped: {trained['model_uri']} already has results for the suite")
+            evaluated = {}
+    result = {"parent_run_id": parent.info.run_id, "dataset": dataset, **trained, "eval": evaluated}
+    root = os.path.abspath(cfg.root) if "://" not in cfg.root else cfg.root
+    print(f"\ndone: MLflow run {cfg.name} ({parent.info.run_id}) in experiment {cfg.tracking.experiment!r}")
+    print(f"  look:  mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}   (then http://127.0.0.1:5000)")
+    if evaluated:
+        print(f"  plot:  {evaluated['plot']}")
+    print(f"  files: {root}", file=sys.stdout, flush=True)
+    return result

@@ -1,0 +1,323 @@
+"""`gss eval`: perplexity against evaluation length, zero-shot beyond the training length.
+
+At every length L each document is scored whole: it is read as consecutive windows of L tokens, the
+context restarting at each window, so the same tokens are scored at every length and only the context
+they see changes. A window is run in pieces of `eval.piece_tokens` with the model's recurrent state
+(or attention cache) carried from piece to piece, so a 65k window fits in memory on a CPU.
+
+Every token of a document is predicted, the first one from the end-of-document id that precedes it in
+training. Reported per split and length: token perplexity, word-level perplexity (the summed negative
+log-likelihood over the document's whitespace words, as PG-19 is scored) and bits per byte.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models import ModelConfig, build_model
+from models.model import LanguageModel
+from pipeline.config import RunConfig
+from pipeline.data import eval_documents
+from pipeline.prepare import dataset_dir, load_manifest
+
+
+class EvalError(RuntimeError):
+    """The evaluation cannot run as configured; the message says what to do."""
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: LanguageModel
+    uri: str  # a checkpoint folder or models:/<name>/<version>
+    dataset: str = ""  # the dataset it was trained on, when known
+    tokenizer_sha256: str = ""
+    train_run_id: str = ""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scoring
+
+
+@torch.no_grad()
+def score_documents(model: LanguageModel, docs: list[np.ndarray], length: int, eod_id: int, piece_tokens: int,
+                    batch_size: int, device: torch.device, progress: tqdm | None = None) -> np.ndarray:
+    """Summed negative log-likelihood (nats) of every token of each document, in windows of `length`."""
+    shifted = [np.concatenate([[eod_id], tokens[:-1]]) for tokens in docs]  # inputs: what precedes each token
+    windows = [(d, start, min(length, len(tokens) - start))  # (document, start, size)
+               for d, tokens in enumerate(docs) for start in range(0, len(tokens), length)]
+    windows.sort(key=lambda w: -w[2])  # windows of one size share a batch
+    batches = []
+    for _, same in itertools.groupby(windows, key=lambda w: w[2]):
+        same = list(same)
+        batches += [same[i: i + batch_size] for i in range(0, len(same), batch_size)]
+    nll = np.zeros(len(docs))
+    for batch in batches:
+        size = batch[0][2]
+        inputs = torch.as_tensor(np.stack([shifted[d][s: s + size] for d, s, _ in batch]), device=device)
+        targets = torch.as_tensor(np.stack([docs[d][s: s + size] for d, s, _ in batch]), device=device)
+        state = model.init_state(len(batch))
+        totals = torch.zeros(len(batch), device=device, dtype=torch.float64)
+        for p in range(0, size, piece_tokens):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits, state = model.prefill(inputs[:, p: p + piece_tokens], state)
+            loss = F.cross_entropy(logits.float().transpose(1, 2), targets[:, p: p + piece_tokens], reduction="none")
+            totals += loss.sum(1).double()
+        for (d, _, _), total in zip(batch, totals.cpu().numpy()):
+            nll[d] += total
+        if progress is not None:
+            progress.update(size * len(batch))
+    return nll
+
+
+def metrics_at_length(nll: np.ndarray, docs: list[dict[str, Any]]) -> dict[str, float]:
+    tokens = sum(len(d["tokens"]) for d in docs)
+    words = sum(d["n_words"] for d in docs)
+    n_bytes = sum(d["n_bytes"] for d in docs)
+    total = float(nll.sum())
+    return {
+        "loss": total / tokens,
+        "token_ppl": math.exp(total / tokens),
+        "word_ppl": math.exp(total / words) if words else float("nan"),
+        "bits_per_byte": total / math.log(2) / n_bytes if n_bytes else float("nan"),
+        "tokens": tokens,
+        "words": words,
+        "bytes": n_bytes,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models: a checkpoint folder or an MLflow model URI
+
+
+def default_model_uri(cfg: RunConfig) -> str:
+    from pipeline.train import registered_name
+
+    return cfg.eval.model or f"models:/{registered_name(cfg)}@current"
+
+
+def load_model(ref: str) -> LoadedModel:
+    """A `gss train` checkpoint folder (local or gs://), or an MLflow model URI (models:/name@alias, /version)."""
+    if ref.startswith("models:/"):
+        import mlflow.pytorch
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        client = MlflowClient()
+        name, _, which = ref.removeprefix("models:/").partition("@")
+        try:
+            if which:
+                version = client.get_model_version_by_alias(name, which)
+            else:
+                name, _, number = name.partition("/")
+                version = client.get_model_version(name, number)
+        except MlflowException as e:
+            raise EvalError(f"no registered model {ref} in {mlflow.get_tracking_uri()} ({e.message}); "
+                            "train it first (`gss train` / `gss run`) or give eval.model=<checkpoint folder>") from None
+        model = mlflow.pytorch.load_model(f"models:/{name}/{version.version}", map_location="cpu")
+        return LoadedModel(model, f"models:/{name}/{version.version}", version.tags.get("gss.dataset", ""),
+                           version.tags.get("gss.tokenizer_sha256", ""), version.run_id or "")
+
+    from pipeline.storage import filesystem
+    from pipeline.train import load_state
+
+    fs, path = filesystem(ref)
+    if not fs.exists(f"{path}/state.pt"):
+        raise EvalError(f"{ref} is not a `gss train` checkpoint (no state.pt); give a checkpoint folder "
+                        "(see the MLflow run's checkpoints.txt) or an MLflow model URI")
+    with tempfile.TemporaryDirectory() as tmp:
+        fs.get(f"{path}/state.pt", os.path.join(tmp, "state.pt"))
+        state = load_state(tmp)
+    model = build_model(ModelConfig(**state["model_config"]))
+    model.load_state_dict(state["model"])
+    return LoadedModel(model, ref)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise EvalError("eval.device=cuda but no CUDA device is visible; use eval.device=cpu")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stage
+
+
+def evaluate(cfg: RunConfig, loaded: LoadedModel, todo: dict[str, list[int]] | None = None) -> list[dict[str, Any]]:
+    """Score `loaded` on the config's dataset: {split: [lengths]} (default: the config's suite). One row per result."""
+    dataset = dataset_dir(cfg)
+    manifest = load_manifest(dataset)
+    if loaded.model.cfg.vocab_size != manifest["tokenizer"]["vocab_size"] or (
+            loaded.tokenizer_sha256 and loaded.tokenizer_sha256 != manifest["tokenizer"]["sha256"]):
+        raise EvalError(f"{loaded.uri} was trained with another tokenizer than {dataset}'s; evaluate it with "
+                        "the data config it was trained on")
+    ec = cfg.eval
+    todo = todo or {split: list(ec.lengths) for split in ec.splits}
+    device = pick_device(ec.device)
+    model = loaded.model.to(device).eval()
+    eod = manifest["tokenizer"]["eod_id"]
+    rows = []
+    for split, lengths in todo.items():
+        if split not in manifest["splits"]:
+            raise EvalError(f"split {split!r} is not in {dataset} (it has {', '.join(manifest['splits'])})")
+        docs = eval_documents(dataset, split, limit=ec.max_documents or None)
+        arrays = [d["tokens"] for d in docs]
+        longest = max(len(a) for a in arrays)
+        for length in sorted(lengths):
+            if length > longest and length != min(lengths):  # every window would be a whole document
+                rows.append({"split": split, "length": length, "capped": True})
+                continue
+            started = time.perf_counter()
+            with tqdm(total=sum(map(len, arrays)), desc=f"eval {split} L={length}", unit="tok",
+                      unit_scale=True, leave=False) as bar:
+                nll = score_documents(model, arrays, length, eod, ec.piece_tokens, ec.batch_size, device, bar)
+            seconds = time.perf_counter() - started
+            row = {"split": split, "length": length, "capped": False, "documents": len(docs),
+                   **metrics_at_length(nll, docs), "seconds": seconds}
+            row["tokens_per_second"] = row["tokens"] / seconds
+            print(f"  {split:<10} L={length:>6}  token ppl {row['token_ppl']:9.3f}  word ppl {row['word_ppl']:9.3f}"
+                  f"  bits/byte {row['bits_per_byte']:.4f}  ({seconds:.1f} s)", flush=True)
+            rows.append(row)
+    return rows
+
+
+def plot(rows: list[dict[str, Any]], train_length: int | None, title: str, path: str) -> None:
+    """Perplexity against evaluation length, one line per split (and metric), the training length marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for split in sorted({r["split"] for r in rows if not r["capped"]}):
+        done = sorted((r for r in rows if r["split"] == split and not r["capped"]), key=lambda r: r["length"])
+        lengths = [r["length"] for r in done]
+        axes[0].plot(lengths, [r["token_ppl"] for r in done], marker="o", label=split)
+        axes[1].plot(lengths, [r["word_ppl"] for r in done], marker="o", label=split)
+    for ax, label in zip(axes, ("token perplexity", "word-level perplexity")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("evaluation length (tokens)")
+        ax.set_ylabel(label)
+        if train_length:
+            ax.axvline(train_length, color="grey", linestyle="--", label=f"training length {train_length}")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def suite_keys(todo: dict[str, list[int]]) -> list[str]:
+    return [f"{split}:{length}" for split, lengths in todo.items() for length in lengths]
+
+
+def eval_stage(cfg: RunConfig, model_ref: str | None = None, todo: dict[str, list[int]] | None = None) -> dict:
+    """`evaluate` as an MLflow stage run: metrics per length (step = length), a table, the plot."""
+    import mlflow
+
+    from pipeline import tracking
+    from pipeline.storage import filesystem, join
+
+    tracking.setup(cfg)
+    loaded = load_model(model_ref or default_model_uri(cfg))
+    dataset = dataset_dir(cfg)
+    todo = todo or {split: list(cfg.eval.lengths) for split in cfg.eval.splits}
+    info = _training_info(loaded)
+    print(f"evaluating {loaded.uri} on {dataset}")
+    tags = {"gss.model_uri": loaded.uri, "gss.dataset": dataset, "gss.arch": loaded.model.cfg.arch,
+            "gss.max_documents": str(cfg.eval.max_documents)}
+    with tracking.stage_run(cfg, "eval", **tags) as run:
+        tracking.log_params({"eval": dataclasses.asdict(cfg.eval), "model": dataclasses.asdict(loaded.model.cfg),
+                             "model.parameters": loaded.model.num_parameters(), **info["params"]})
+        rows = evaluate(cfg, loaded, todo)
+        for r in rows:
+            if not r["capped"]:
+                for key in ("token_ppl", "word_ppl", "bits_per_byte", "loss", "tokens_per_second"):
+                    mlflow.log_metric(f"{r['split']}.{key}", r[key], step=r["length"])
+        mlflow.log_metrics(info["metrics"])
+        mlflow.log_dict({"rows": rows}, "eval/results.json")
+        mlflow.log_text(_csv(rows), "eval/results.csv")
+        title = f"{cfg.name}: {loaded.model.cfg.arch}, {loaded.model.num_parameters() / 1e6:.1f}M parameters"
+        out_dir = join(cfg.root, "eval", cfg.name)
+        fs, out = filesystem(out_dir)
+        fs.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, "ppl_vs_length.png")
+            plot(rows, info["train_length"], title, local)
+            mlflow.log_artifact(local, "eval")
+            fs.put(local, join(out, "ppl_vs_length.png"))
+            fs.pipe(join(out, "results.json"), json.dumps({"model": loaded.uri, "rows": rows}, indent=1).encode())
+        # last: what reeval counts as done (a run stopped before this line is not complete)
+        mlflow.set_tag("gss.eval_done", json.dumps(suite_keys(todo)))
+    print(f"eval results: {join(out_dir, 'results.json')}, plot: {join(out_dir, 'ppl_vs_length.png')}")
+    return {"run_id": run.info.run_id, "rows": rows, "plot": join(out_dir, "ppl_vs_length.png")}
+
+
+def _training_info(loaded: LoadedModel) -> dict[str, Any]:
+    """What the comparison table shows about how the model was trained, from its MLflow training run."""
+    info: dict[str, Any] = {"params": {}, "metrics": {}, "train_length": None}
+    if not loaded.train_run_id:
+        return info
+    from mlflow import MlflowClient
+
+    train = MlflowClient().get_run(loaded.train_run_id)
+    info["params"] = {"train.run_id": loaded.train_run_id, "train.preset": train.data.params.get("train.preset", "")}
+    metrics = train.data.metrics
+    if "tokens_seen" in metrics:
+        info["metrics"]["train.tokens"] = metrics["tokens_seen"]
+    if "tokens_per_second" in metrics:
+        info["metrics"]["train.tokens_per_second"] = metrics["tokens_per_second"]
+    if loaded.dataset:
+        try:
+            info["train_length"] = load_manifest(loaded.dataset)["seq_len"]
+        except Exception:  # noqa: BLE001 - the plot only loses its marker
+            pass
+    return info
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    keys = ["split", "length", "capped", "documents", "tokens", "words", "bytes", "loss", "token_ppl", "word_ppl",
+            "bits_per_byte", "seconds", "tokens_per_second"]
+    return "\n".join([",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in rows]) + "\n"
+
+
+def resolve_model_uri(ref: str) -> str:
+    """models:/name@alias -> models:/name/<version>, so results are recorded against a fixed version."""
+    if ref.startswith("models:/") and "@" in ref:
+        from mlflow import MlflowClient
+
+        name, _, alias = ref.removeprefix("models:/").partition("@")
+        return f"models:/{name}/{MlflowClient().get_model_version_by_alias(name, alias).version}"
+    return ref
+
+
+def suite_todo(cfg: RunConfig, model_ref: str) -> dict[str, list[int]]:
+    """The (split, length) pairs of the config's suite that no finished eval run of this model has yet."""
+    from mlflow import MlflowClient
+
+    from pipeline import tracking
+
+    experiment_id = tracking.setup(cfg)
+    uri = resolve_model_uri(model_ref)
+    query = (f"tags.`gss.stage` = 'eval' AND tags.`gss.model_uri` = '{uri}' AND "
+             f"tags.`gss.dataset` = '{dataset_dir(cfg)}' AND tags.`gss.max_documents` = '{cfg.eval.max_documents}'"
+             " AND attributes.status = 'FINISHED'")
+    done = set()
+    for run in MlflowClient().search_runs([experiment_id], query):
+        done.update(json.loads(run.data.tags.get("gss.eval_done", "[]")))
+    todo = {split: [n for n in cfg.eval.lengths if f"{split}:{n}" not in done] for split in cfg.eval.splits}
+    return {split: lengths for split, lengths in todo.items() if lengths}

@@ -1,0 +1,89 @@
+"""End to end on a real local Ray cluster and a real MLflow store: run, eval, compare, reeval, generate."""
+
+import pytest
+
+from jobs.cli import main
+from jobs.compare import compare
+from jobs.reeval import reeval
+from jobs.run import run_pipeline
+from pipeline.config import load_config
+from pipeline.evaluate import EvalError, eval_stage, suite_todo
+from tests.corpus import as_overrides, run_config, write_pg19
+
+LENGTHS = [64, 128, 256, 1_000_000]  # the last is longer than every document: capped, not computed
+
+
+@pytest.fixture(scope="module")
+def finished(ray_cluster, tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    write_pg19(root / "corpus", counts=(8, 2, 2), words=(1500, 3000))
+    tree = run_config(root / "out", root / "corpus", "e2e", steps=10, eval_every=10, checkpoint_every=10)
+    tree["eval"] = {"lengths": LENGTHS, "splits": ["validation", "test"], "piece_tokens": 48, "batch_size": 2}
+    overrides = as_overrides(tree)
+    return overrides, run_pipeline(load_config(None, overrides))
+
+
+def children(result):
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    parent = client.get_run(result["parent_run_id"])
+    runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    return client, runs
+
+
+def test_run_nests_three_stages_with_metrics_per_length(finished):
+    _, result = finished
+    client, runs = children(result)
+    assert sorted(r.data.tags["gss.stage"] for r in runs) == ["eval", "prepare", "train"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    evaluation = next(r for r in runs if r.data.tags["gss.stage"] == "eval")
+    for split in ("validation", "test"):
+        for metric in ("token_ppl", "word_ppl", "bits_per_byte"):
+            history = client.get_metric_history(evaluation.info.run_id, f"{split}.{metric}")
+            assert sorted(m.step for m in history) == [64, 128, 256], (split, metric)
+            assert all(0 < m.value < float("inf") for m in history)
+    artifacts = {a.path for a in client.list_artifacts(evaluation.info.run_id, "eval")}
+    assert {"eval/ppl_vs_length.png", "eval/results.csv", "eval/results.json"} <= artifacts
+
+
+def test_rerun_skips_every_stage(finished, capsys):
+    overrides, result = finished
+    again = run_pipeline(load_config(None, overrides))
+    assert again["parent_run_id"] == result["parent_run_id"] and again["skipped"]
+    out = capsys.readouterr().out
+    assert "[prepare] skipped" in out and "already finished" in out and "[eval] skipped" in out
+    _, runs = children(result)
+    assert len(runs) == 3  # no new stage runs
+
+
+def test_compare_reads_the_results_back(finished, tmp_path):
+    overrides, _ = finished
+    rows = compare(load_config(None, overrides), out=str(tmp_path))
+    assert len(rows) == 1 and rows[0]["arch"] == "gss" and sorted(rows[0]["lengths"]) == [64, 128, 256]
+    assert rows[0]["train_tokens"] == 10 * 1024 and rows[0]["parameters"] > 0
+    assert {"compare.md", "compare.csv", "compare.png"} <= {p.name for p in tmp_path.iterdir()}
+    assert "L=256" in (tmp_path / "compare.md").read_text()
+
+
+def test_reeval_evaluates_only_what_is_missing_and_then_nothing(finished):
+    overrides, _ = finished
+    assert reeval(load_config(None, overrides)) == []  # the run's eval covered the suite
+    grown = load_config(None, [*overrides, f"eval.lengths={[32, *LENGTHS]}"])
+    done = reeval(grown)
+    assert [d["todo"] for d in done] == [{"validation": [32], "test": [32]}]
+    assert reeval(grown) == []
+
+
+def test_an_interrupted_eval_counts_for_nothing(finished):
+    overrides, result = finished
+    cfg = load_config(None, [*overrides, "eval.lengths=[16]"])
+    with pytest.raises(EvalError, match="split 'nope' is not in"):  # after test at 16 was scored and logged
+        eval_stage(cfg, todo={"test": [16], "nope": [16]})
+    assert suite_todo(cfg, result["model_uri"]) == {"validation": [16], "test": [16]}
+
+
+def test_generate_samples_from_the_registered_model(finished, capsys):
+    overrides, _ = finished
+    main(["generate", *overrides, "--prompt", "The river", "--max-new-tokens", "12"])
+    assert capsys.readouterr().out.startswith("The river")
