@@ -23,7 +23,7 @@ $(XLA_VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(VENV)/bin/gss demo
+	$(VENV)/bin/gss run
 
 test: test-cpu test-xla
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 
 def cmd_params(args: argparse.Namespace) -> None:
@@ -19,13 +18,6 @@ def cmd_params(args: argparse.Namespace) -> None:
         with torch.device("meta"):  # count without allocating
             count = build_model(cfg).num_parameters()
         print(f"{name:<20} {cfg.arch:<12} {cfg.n_layers:>6} {count / 1e6:>11.1f}M")
-
-
-def cmd_demo(args: argparse.Namespace) -> None:
-    from jobs.demo import DemoConfig, run_demo
-
-    overrides = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(DemoConfig)}}
-    run_demo(DemoConfig(**{k: v for k, v in overrides.items() if v is not None}))
 
 
 def _config(args: argparse.Namespace):
@@ -118,15 +110,6 @@ def cmd_submit(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gss", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-
-    demo = commands.add_parser("demo", help="train a small model on real local text, evaluate it longer, sample")
-    demo.add_argument("--preset", help="a small-* preset (default small-gss)")
-    demo.add_argument("--corpus", help="text files to read: a folder or a glob (default: see `gss demo -h`)")
-    demo.add_argument("--steps", type=int)
-    demo.add_argument("--seq-len", dest="seq_len", type=int)
-    demo.add_argument("--batch-size", dest="batch_size", type=int)
-    demo.add_argument("--ssm-kernel", dest="ssm_kernel", choices=["fft", "chunked"])
-    demo.set_defaults(func=cmd_demo)
 
     prepare = commands.add_parser(
         "prepare", help="tokenize and pack a corpus into Parquet shards (Ray Data)",

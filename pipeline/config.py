@@ -73,6 +73,9 @@ class TrainConfig:
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides, e.g. {ssm_kernel: chunked}
     backend: str = "cpu"  # cpu (gloo DDP) | cuda (NCCL; DDP or FSDP2) | xla (torch_xla SPMD)
     num_workers: int = 2
+    # Ray resources each worker holds, e.g. {TPU: 4} for one v4 host (so workers land on TPU VMs); empty: Ray's
+    # default (1 CPU, or 1 GPU with backend cuda)
+    worker_resources: dict[str, float] = field(default_factory=dict)
     steps: int = 200
     global_batch_tokens: int = 32768  # per optimizer step, over all workers and accumulation steps
     micro_batch: int = 4  # rows per forward on one worker
@@ -205,7 +208,18 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
             raise ConfigError(f"config file {str(path)!r} not found (see configs/ for examples)") from None
     for override in overrides:
         apply_override(data, override)
-    return from_dict(RunConfig, data)
+    cfg = from_dict(RunConfig, data)
+    # local paths made absolute here: Ray workers do not share the driver's working folder
+    cfg.root = _absolute(cfg.root)
+    cfg.data.source.path = _absolute(cfg.data.source.path)
+    cfg.data.tokenizer.path = _absolute(cfg.data.tokenizer.path)
+    if not cfg.eval.model.startswith(("models:/", "runs:/")):
+        cfg.eval.model = _absolute(cfg.eval.model)
+    return cfg
+
+
+def _absolute(path: str) -> str:
+    return path if not path or "://" in path else os.path.abspath(path)
 
 
 def fingerprint(obj: Any, length: int = 10) -> str:

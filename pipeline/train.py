@@ -265,7 +265,8 @@ def train_stage(cfg: RunConfig) -> dict[str, Any]:
                "tracking_uri": mlflow.get_tracking_uri(), "run_id": run.info.run_id, "steps": tc.steps,
                "run_dir": run_dir}
     connect(cfg.ray)
-    scaling = ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.backend == "cuda")
+    scaling = ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.backend == "cuda",
+                                      resources_per_worker=tc.worker_resources or None)
     run_config = ray.train.RunConfig(
         name=cfg.name, storage_path=storage,
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),

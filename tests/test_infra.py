@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import copy
 import re
-import sys
 import types
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import yaml
@@ -172,45 +170,10 @@ def test_named_pip_extras_exist():
 # ray_cluster.yaml through Ray's own code
 
 
-def _google_client_stand_ins() -> dict[str, types.ModuleType]:
-    """Ray's GCP modules import the Google API client (googleapiclient, google_auth_httplib2, httplib2) at
-    module level, to build API clients and nothing else. `ray up` needs it on the laptop (infra/README.md);
-    the project's environment has no use for it, so where it is missing these stand-ins let the real Ray
-    code below import. Any attempt to reach Google through them raises."""
-
-    class Unavailable:
-        def __init__(self, *args, **kwargs):
-            raise RuntimeError("no Google API client here: these tests are offline")
-
-    attrs = {
-        "googleapiclient": {},
-        "googleapiclient.discovery": {"Resource": Unavailable, "build": Unavailable},
-        "googleapiclient.errors": {"HttpError": type("HttpError", (Exception,), {})},
-        "googleapiclient.http": {"HttpRequest": Unavailable},
-        "google_auth_httplib2": {"AuthorizedHttp": Unavailable},
-        "httplib2": {"Http": Unavailable},
-    }
-    modules = {name: types.ModuleType(name) for name in attrs}
-    for name, values in attrs.items():
-        vars(modules[name]).update(values)
-        if name.startswith("googleapiclient."):
-            setattr(modules["googleapiclient"], name.split(".")[1], modules[name])
-    return modules
-
-
 @pytest.fixture(scope="module")
 def gcp() -> types.SimpleNamespace:
     """ray.autoscaler._private.gcp: `config` (TPU checks), `GCPNodeType`, `GCPNodeProvider`."""
-    try:
-        import google_auth_httplib2  # noqa: F401
-        import googleapiclient  # noqa: F401
-        import httplib2  # noqa: F401
-
-        stand_ins = {}
-    except ImportError:
-        stand_ins = _google_client_stand_ins()
-    with mock.patch.dict(sys.modules, stand_ins):
-        from ray.autoscaler._private.gcp import config, node, node_provider
+    from ray.autoscaler._private.gcp import config, node, node_provider  # imports the Google API client (dev extra)
     return types.SimpleNamespace(config=config, NodeType=node.GCPNodeType, Provider=node_provider.GCPNodeProvider)
 
 
