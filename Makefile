@@ -22,13 +22,14 @@ $(XLA_VENV)/.installed: pyproject.toml
 	$(XLA_VENV)/bin/pip install -q -e '.[xla,dev]'
 	touch $@
 
+# The venv first on PATH, as if activated: Ray job drivers (`gss submit`) run `python` from PATH.
 run: setup
-	$(VENV)/bin/gss run
+	PATH="$(abspath $(VENV))/bin:$$PATH" gss run
 
 test: test-cpu test-xla
 
 test-cpu: setup
-	$(VENV)/bin/python -m pytest -m "not xla" $(PYTEST_ARGS)
+	PATH="$(abspath $(VENV))/bin:$$PATH" python -m pytest -m "not xla" $(PYTEST_ARGS)
 
 test-xla: setup-xla
 	PJRT_DEVICE=CPU GSS_REQUIRE_XLA=1 $(XLA_VENV)/bin/python -m pytest -m xla $(PYTEST_ARGS)

@@ -16,6 +16,6 @@ def connect(cfg: RayConfig) -> None:
         if address:
             ray.init(address=address, logging_level="WARNING")
         else:
-            ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=False, logging_level="WARNING")
+            ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=cfg.dashboard, logging_level="WARNING")
     # Results in input order, so that everything built from them is deterministic.
     ray.data.DataContext.get_current().execution_options.preserve_order = True

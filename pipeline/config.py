@@ -121,6 +121,7 @@ class TrackingConfig:
 class RayConfig:
     address: str = ""  # empty: $RAY_ADDRESS, else start a local cluster
     num_cpus: int = 0  # local cluster only; 0 = all
+    dashboard: bool = False  # local cluster only: start the dashboard (and its Jobs API, for `gss submit`)
 
 
 @dataclass
