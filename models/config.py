@@ -18,6 +18,8 @@ class ModelConfig:
     state_size: int = 512  # N: complex modes per DSS kernel
     ssm_kernel: str = "fft"  # "fft" (real FFT) | "chunked" (no FFT: matmuls + carried state; TPU)
     ssm_chunk: int = 128  # tokens per chunk of the chunked kernel
+    # the slowest mode's memory at init, in tokens (decay rates log-uniform in [1/this, 1]); the paper's 1000
+    ssm_max_memory: float = 1000.0
     n_heads: int = 16  # attention heads (transformer, hybrid)
     attn_chunk: int = 512  # hybrid: attention within non-overlapping chunks of this many tokens
     attn_every: int = 4  # hybrid: every k-th layer is a local-attention block

@@ -55,7 +55,7 @@ class GSSBlock(SSMBlock):
         self.to_gate = nn.Linear(cfg.d_model, cfg.d_gate)
         self.to_ssm = nn.Linear(cfg.d_model, cfg.d_ssm)
         self.ssm_norm = nn.LayerNorm(cfg.d_ssm)  # the paper's dss() normalises its input
-        self.ssm = DiagonalSSM(cfg.d_ssm, cfg.state_size, cfg.ssm_kernel, cfg.ssm_chunk)
+        self.ssm = DiagonalSSM(cfg.d_ssm, cfg.state_size, cfg.ssm_kernel, cfg.ssm_chunk, cfg.ssm_max_memory)
         self.ssm_out = nn.Linear(cfg.d_ssm, cfg.d_gate)
         self.out = nn.Linear(cfg.d_gate, cfg.d_model)
 
@@ -86,7 +86,7 @@ class DSSBlock(SSMBlock):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm = nn.LayerNorm(cfg.d_model)
-        self.ssm = DiagonalSSM(cfg.d_model, cfg.state_size, cfg.ssm_kernel, cfg.ssm_chunk)
+        self.ssm = DiagonalSSM(cfg.d_model, cfg.state_size, cfg.ssm_kernel, cfg.ssm_chunk, cfg.ssm_max_memory)
         self.out = nn.Linear(cfg.d_model, cfg.d_model)
         self.mlp = MLP(cfg)
 

@@ -137,17 +137,18 @@ class DiagonalSSM(nn.Module):
     """DSS with Delta = 1 over `channels` channels and `state_size` complex modes.
 
     Initialisation (random, as the GSS paper found sufficient): exp(Lambda_re) log-uniform in
-    [1e-3, 1] (memory of 1 to 1000 tokens), exp(Lambda_im) log-uniform in [1e-3, pi] (periods from
+    [1/max_memory, 1] (memory of 1 to max_memory tokens; the paper's 1e-3 is 1000), exp(Lambda_im) log-uniform in [1e-3, pi] (periods from
     the whole context down to 2 tokens), C complex normal with variance 1/N (so K[h, 0] ~ N(0, 1)),
     D standard normal.
     """
 
-    def __init__(self, channels: int, state_size: int, kernel: str = "fft", chunk_size: int = 128):
+    def __init__(self, channels: int, state_size: int, kernel: str = "fft", chunk_size: int = 128,
+                 max_memory: float = 1000.0):
         super().__init__()
         if kernel not in ("fft", "chunked"):
             raise ValueError(f"ssm kernel must be 'fft' or 'chunked', got {kernel!r}")
         self.kernel_method, self.chunk_size = kernel, chunk_size
-        self.log_neg_real = nn.Parameter(torch.empty(state_size).uniform_(math.log(1e-3), 0.0))
+        self.log_neg_real = nn.Parameter(torch.empty(state_size).uniform_(-math.log(max_memory), 0.0))
         self.log_imag = nn.Parameter(torch.empty(state_size).uniform_(math.log(1e-3), math.log(math.pi)))
         self.c_re = nn.Parameter(torch.randn(channels, state_size) / math.sqrt(2 * state_size))
         self.c_im = nn.Parameter(torch.randn(channels, state_size) / math.sqrt(2 * state_size))

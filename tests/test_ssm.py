@@ -95,3 +95,13 @@ def test_float32_stays_accurate_at_long_lengths():
     scale = reference.abs().max()
     for y in (fft, chunked):
         assert ((y.double() - reference).abs().max() / scale) < 1e-4
+
+
+def test_initial_memory_is_bounded_by_max_memory():
+    """No mode outlives ssm_max_memory at init: the kernel beyond a few times it is negligible."""
+    for max_memory in (16.0, 1000.0):
+        kernel = DiagonalSSM(8, 64, max_memory=max_memory).kernel(8192).abs()
+        late = kernel[:, int(8 * max_memory):].max()
+        assert late < 1e-2 * kernel[:, :4].max(), max_memory
+    assert DiagonalSSM(8, 64, max_memory=16.0).kernel(512)[:, 128:].abs().max() < DiagonalSSM(
+        8, 64, max_memory=1000.0).kernel(512)[:, 128:].abs().max()
