@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from typing import Any
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from models import PRESETS, ModelConfig, build_model
-from pipeline.config import RunConfig, TrainConfig, from_dict, to_dict
+from pipeline.config import RunConfig, TrainConfig, fingerprint, from_dict, to_dict
 from pipeline.prepare import dataset_dir, load_manifest
 from pipeline.storage import absolute, filesystem, join, read_json, write_bytes_atomic, write_json_atomic
 
@@ -221,8 +222,10 @@ class _RankZeroLog:
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
         left = (self.steps - step) * metrics["step_time"]
         val = f" val {metrics['val_loss']:.3f}" if "val_loss" in metrics else ""
+        # to the process's own stdout, which Ray streams to the driver: Ray Train v2 patches print() and,
+        # once a library has wrapped sys.stdout, tees it to both, so every line showed up twice
         print(f"step {step}/{self.steps} loss {metrics['loss']:.3f}{val} lr {metrics['lr']:.2e} "
-              f"{metrics['tokens_per_second']:,.0f} tok/s, {left / 60:.1f} min left", flush=True)
+              f"{metrics['tokens_per_second']:,.0f} tok/s, {left / 60:.1f} min left", file=sys.__stdout__, flush=True)
 
 
 def _write_pid(payload: dict, rank: int) -> None:
@@ -315,14 +318,19 @@ def _find_or_create_run(client, experiment_id: str, cfg: RunConfig, model_cfg: M
 
     from pipeline import tracking
 
+    identity = fingerprint({"model": dataclasses.asdict(model_cfg), "dataset": dataset})
     found = client.search_runs([experiment_id], f"tags.`gss.train_name` = '{cfg.name}'", max_results=1)
     if found:
         run = found[0]
+        if run.data.tags.get("gss.model_data") != identity:  # resuming it would mix two experiments
+            raise TrainingError(
+                f"training run {cfg.name!r} already exists (MLflow run {run.info.run_id}) with another model "
+                "config or dataset; give this one a new name (name=...) or delete that run")
         if run.info.status != "FINISHED":
             client.update_run(run.info.run_id, status="RUNNING")
         return run
     tags = {"gss.stage": "train", "gss.train_name": cfg.name, "gss.run_name": cfg.name, "gss.dataset": dataset,
-            "gss.arch": model_cfg.arch}
+            "gss.arch": model_cfg.arch, "gss.model_data": identity}
     parent = mlflow.active_run()
     if parent is not None:
         tags["mlflow.parentRunId"] = parent.info.run_id

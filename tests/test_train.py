@@ -63,6 +63,10 @@ def test_two_workers_train_and_mlflow_has_run_params_metrics_and_model(corpus):
     model = mlflow.pytorch.load_model("models:/gss-two@current")
     assert model.cfg.n_layers == 2
     assert train_stage(cfg)["skipped"]  # finished: a re-run does nothing
+    other = load_config(None, [*as_overrides(run_config(corpus / "out", corpus / "corpus", "two", steps=40)),
+                               "train.model.n_layers=3"])
+    with pytest.raises(TrainingError, match="'two' already exists .* another model config or dataset"):
+        train_stage(other)  # the same name for another model is an error, not a silent skip
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint_in_the_same_mlflow_run(corpus):
