@@ -14,3 +14,15 @@ def test_params_lists_every_preset(capsys):
 def test_unknown_preset_is_a_clear_error():
     with pytest.raises(SystemExit, match="unknown preset 'nope'; choose from paper-gss"):
         main(["params", "nope"])
+
+
+def test_main_job_without_shared_corpora_reads_the_standard_library(monkeypatch, tmp_path):
+    import jobs.run
+    from pipeline.sources import split_files
+
+    monkeypatch.setattr(jobs.run, "SHARED_PG19", tmp_path / "absent")  # a fresh machine: no ../shared
+    cfg = jobs.run.local_config([f"root={tmp_path}"])
+    assert cfg.data.source.kind == "files" and cfg.name == "local-gss"
+    files = split_files(cfg.data.source, cfg.data.splits)
+    assert {"train", "validation", "test"} == set(files) and all(files.values())
+    assert any(f.endswith("/os.py") for split in files.values() for f in split)
