@@ -7,8 +7,6 @@ training run, an eval run that finished the suite for this model version), so re
 
 from __future__ import annotations
 
-import os
-import sys
 import sysconfig
 from pathlib import Path
 from typing import Any
@@ -53,8 +51,8 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
 
     from pipeline.evaluate import eval_stage, suite_todo
     from pipeline.prepare import dataset_dir, is_complete, prepare_stage
-    from pipeline.train import train_stage
     from pipeline.tracking import log_params
+    from pipeline.train import train_stage
 
     parent = _parent_run(cfg)
     with mlflow.start_run(run_id=parent.info.run_id):
@@ -75,10 +73,10 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
             print(f"[eval] skipped: {trained['model_uri']} already has results for the suite")
             evaluated = {}
     result = {"parent_run_id": parent.info.run_id, "dataset": dataset, **trained, "eval": evaluated}
-    root = os.path.abspath(cfg.root) if "://" not in cfg.root else cfg.root
+    root = cfg.root
     print(f"\ndone: MLflow run {cfg.name} ({parent.info.run_id}) in experiment {cfg.tracking.experiment!r}")
     print(f"  look:  mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}   (then http://127.0.0.1:5000)")
     if evaluated:
         print(f"  plot:  {evaluated['plot']}")
-    print(f"  files: {root}", file=sys.stdout, flush=True)
+    print(f"  files: {root}", flush=True)
     return result

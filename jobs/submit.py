@@ -33,7 +33,7 @@ def entrypoint(command: list[str]) -> str:
     from jobs.cli import build_parser
 
     words = command[1:] if command and command[0] == "--" else command
-    choices = next(a.choices for a in build_parser()._subparsers._group_actions)  # noqa: SLF001
+    choices = next(a.choices for a in build_parser()._subparsers._group_actions)  # the subcommands
     if len(words) < 2 or words[0] != "gss" or words[1] not in choices or words[1] == "submit":
         raise SystemExit("gss submit: give the command after --, e.g. `gss submit -- gss run configs/paper-pg19.yaml`"
                          f" (commands: {', '.join(c for c in choices if c != 'submit')})")

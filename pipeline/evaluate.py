@@ -30,7 +30,7 @@ from models import ModelConfig, build_model
 from models.model import LanguageModel
 from pipeline.config import RunConfig
 from pipeline.data import eval_documents
-from pipeline.prepare import dataset_dir, load_manifest
+from pipeline.prepare import dataset_dir, is_complete, load_manifest
 
 
 class EvalError(RuntimeError):
@@ -281,11 +281,8 @@ def _training_info(loaded: LoadedModel) -> dict[str, Any]:
         info["metrics"]["train.tokens"] = metrics["tokens_seen"]
     if "tokens_per_second" in metrics:
         info["metrics"]["train.tokens_per_second"] = metrics["tokens_per_second"]
-    if loaded.dataset:
-        try:
-            info["train_length"] = load_manifest(loaded.dataset)["seq_len"]
-        except Exception:  # noqa: BLE001 - the plot only loses its marker
-            pass
+    if loaded.dataset and is_complete(loaded.dataset):  # the training length, marked on the plot
+        info["train_length"] = load_manifest(loaded.dataset)["seq_len"]
     return info
 
 

@@ -12,7 +12,7 @@ from jobs.submit import entrypoint
 def dashboard(ray_cluster) -> str:
     import ray
 
-    url = ray._private.worker.global_worker.node.address_info["webui_url"]  # noqa: SLF001 - no public accessor
+    url = ray._private.worker.global_worker.node.address_info["webui_url"]  # no public accessor
     assert url, "the local Ray cluster has no dashboard: install ray[default] (a project dependency)"
     return url if url.startswith("http") else f"http://{url}"
 
