@@ -36,6 +36,7 @@ class SourceConfig:
     text_field: str = ""  # arxiv JSON field / github Parquet column; empty: "text" / "code"
     languages: list[str] = field(default_factory=list)  # github: keep only these languages (empty: all)
     licenses: list[str] = field(default_factory=list)  # github: keep only these licenses (empty: all)
+    exclude: list[str] = field(default_factory=list)  # globs under `path` to leave out, e.g. site-packages/*
     # files/pg19 with no validation/test glob: hold out this fraction of the train files for each
     holdout_fraction: float = 0.0
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options, e.g. {token: anon}

@@ -11,6 +11,7 @@ nothing, a missing column) is a `SourceError` raised before any work starts.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import io
 import json
@@ -73,6 +74,11 @@ def text_field(cfg: SourceConfig) -> str:
     return cfg.text_field or DEFAULT_TEXT_FIELD.get(cfg.kind, "")
 
 
+def _excluded(path: str, root: str, patterns: list[str]) -> bool:
+    relative = path.removeprefix(root.rstrip("/") + "/")
+    return any(fnmatch.fnmatch(relative, pattern) for pattern in patterns)
+
+
 def split_files(cfg: SourceConfig, splits: list[str]) -> dict[str, list[str]]:
     """The sorted files of each split. Raises SourceError for a missing path or an empty glob."""
     if cfg.kind not in KINDS:
@@ -95,7 +101,7 @@ def split_files(cfg: SourceConfig, splits: list[str]) -> dict[str, list[str]]:
     files = {}
     for split in dict.fromkeys(s for s in [*splits, *(["train"] if holdout else [])] if s not in holdout):
         pattern = join(root, globs[split])
-        matched = sorted(p for p in fs.glob(pattern) if fs.isfile(p))
+        matched = sorted(p for p in fs.glob(pattern) if fs.isfile(p) and not _excluded(p, root, cfg.exclude))
         if not matched:
             raise SourceError(
                 f"split {split!r}: {fs.unstrip_protocol(pattern)!r} matches no files (data.source.splits.{split})"

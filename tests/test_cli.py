@@ -26,3 +26,4 @@ def test_main_job_without_shared_corpora_reads_the_standard_library(monkeypatch,
     files = split_files(cfg.data.source, cfg.data.splits)
     assert {"train", "validation", "test"} == set(files) and all(files.values())
     assert any(f.endswith("/os.py") for split in files.values() for f in split)
+    assert not any("site-packages" in f for split in files.values() for f in split)  # the library's own code only
