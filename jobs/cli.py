@@ -22,14 +22,11 @@ def cmd_params(args: argparse.Namespace) -> None:
 
 def _config(args: argparse.Namespace):
     """CONFIG (a YAML file, optional) followed by key.sub=value overrides."""
-    from pipeline.config import ConfigError, load_config
+    from pipeline.config import load_config
 
     words = list(args.config_and_overrides)
     path = words.pop(0) if words and "=" not in words[0] else None
-    try:
-        return load_config(path, words)
-    except ConfigError as e:
-        raise SystemExit(f"gss: {e}") from None
+    return load_config(path, words)
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -45,12 +42,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from pipeline.evaluate import EvalError, eval_stage
+    from pipeline.evaluate import eval_stage
 
-    try:
-        eval_stage(_config(args))
-    except EvalError as e:
-        raise SystemExit(f"gss eval: {e}") from None
+    eval_stage(_config(args))
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -60,12 +54,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     if words and "=" not in words[0]:
         cfg = _config(args)
     else:  # no CONFIG: the README's main job on local text
-        from pipeline.config import ConfigError
-
-        try:
-            cfg = local_config(words)
-        except ConfigError as e:
-            raise SystemExit(f"gss: {e}") from None
+        cfg = local_config(words)
     run_pipeline(cfg)
 
 
@@ -175,8 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from pipeline.config import ConfigError
+    from pipeline.evaluate import EvalError
+    from pipeline.prepare import PrepareError
+    from pipeline.sources import SourceError
+    from pipeline.train import TrainingError
+
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except (ConfigError, SourceError, PrepareError, TrainingError, EvalError) as e:  # they say what to do
+        raise SystemExit(f"gss {args.command}: {e}") from None
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.config import RunConfig, fingerprint, to_dict
+from pipeline.config import DataConfig, RunConfig, fingerprint, to_dict
 from pipeline.sources import Unit, in_sample, plan_units, read_unit, split_files
 from pipeline.storage import filesystem, join, read_json, write_bytes_atomic, write_json_atomic
 from pipeline.tokenizer import Tokenizer, tokenizer_hash, train_tokenizer, training_pieces
@@ -68,16 +68,39 @@ class PrepareError(RuntimeError):
 
 
 def data_identity(cfg: RunConfig) -> dict[str, Any]:
-    """Everything that determines the dataset's bytes, and nothing that only changes how fast it is made."""
-    data = to_dict(cfg.data)
-    data.pop("num_actors")
-    data["source"].pop("storage_options")  # credentials do not change the data
-    tok = data["tokenizer"]
-    if tok["path"]:  # a given tokenizer is identified by its content, not its path
-        tok = {"sha256": tokenizer_hash(_read_bytes(tok["path"]))}
-    data["tokenizer"] = tok
+    """Everything that determines the dataset's bytes, and nothing that only changes how fast it is made.
+
+    Only settings that differ from their defaults count, so that a setting added later (with a default
+    that keeps the old behaviour) leaves existing datasets where they are. Changing a default's meaning
+    is a format change: bump FORMAT_VERSION.
+    """
+    data = _changed(to_dict(cfg.data), to_dict(DataConfig()))
+    data.pop("num_actors", None)
+    data.setdefault("source", {}).update(kind=cfg.data.source.kind, path=cfg.data.source.path)
+    data["source"].pop("storage_options", None)  # credentials do not change the data
+    if cfg.data.tokenizer.path:  # a given tokenizer is identified by its content, not its path
+        data["tokenizer"] = {"sha256": tokenizer_hash(_read_bytes(cfg.data.tokenizer.path))}
     data["format_version"] = FORMAT_VERSION
     return data
+
+
+def _resolved_data(cfg: RunConfig) -> dict[str, Any]:
+    """The data config as run, for the record (the manifest, MLflow); credentials left out."""
+    data = to_dict(cfg.data)
+    data["source"].pop("storage_options")
+    return data
+
+
+def _changed(value: dict[str, Any], default: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `value` that differ from `default`, recursively."""
+    out = {}
+    for key, item in value.items():
+        if isinstance(item, dict) and isinstance(default.get(key), dict):
+            if sub := _changed(item, default[key]):
+                out[key] = sub
+        elif key not in default or item != default[key]:
+            out[key] = item
+    return out
 
 
 def dataset_dir(cfg: RunConfig) -> str:
@@ -415,7 +438,8 @@ def _manifest(cfg: RunConfig, model_bytes: bytes, units: dict[str, list[dict]], 
             splits[split]["unit_tail_tokens"] = [r["tokens"] - (r["shard"] or {"tokens": 0})["tokens"] for r in results]
     return {
         "format_version": FORMAT_VERSION,
-        "data": data_identity(cfg),
+        "data": _resolved_data(cfg),
+        "identity": data_identity(cfg),
         "tokenizer": {"file": TOKENIZER, "sha256": tokenizer_hash(model_bytes), "vocab_size": tok.vocab_size,
                       "eod_id": tok.eod_id},
         "seq_len": cfg.data.pack.seq_len,
@@ -430,7 +454,7 @@ def prepare_stage(cfg: RunConfig, on_item: ItemCallback | None = None) -> dict[s
     from pipeline import tracking
 
     with tracking.stage_run(cfg, "prepare", **{"gss.dataset": dataset_dir(cfg)}):
-        tracking.log_params({"data": data_identity(cfg), "data.num_actors": cfg.data.num_actors})
+        tracking.log_params({"data": _resolved_data(cfg)})
         manifest = prepare(cfg, on_item)
         stats = manifest["stats"]
         mlflow.set_tags({"gss.tokenizer_sha256": manifest["tokenizer"]["sha256"], "gss.skipped": stats["skipped"]})

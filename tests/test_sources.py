@@ -160,3 +160,15 @@ def test_every_shipped_config_loads():
     for path in configs:
         cfg = load_config(path)
         assert cfg.name and cfg.data.source.path, path
+
+
+def test_dataset_identity_counts_only_settings_that_differ_from_defaults(tmp_path):
+    from pipeline.prepare import data_identity, dataset_dir
+
+    base = [f"root={tmp_path}", "data.source.path=/corpus"]
+    identity = data_identity(load_config(None, base))
+    # a setting added later with a neutral default does not move existing datasets
+    assert "exclude" not in identity["source"] and "pack" not in identity
+    assert dataset_dir(load_config(None, base)) == dataset_dir(load_config(None, [*base, "data.num_actors=7"]))
+    assert dataset_dir(load_config(None, base)) != dataset_dir(load_config(None, [*base, "data.source.exclude=[a/*]"]))
+    assert dataset_dir(load_config(None, base)) != dataset_dir(load_config(None, [*base, "data.pack.seq_len=64"]))
