@@ -78,9 +78,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from pipeline.storage import filesystem, join
     from pipeline.tokenizer import Tokenizer
 
+    from pipeline import tracking
+
     cfg = _config(args)
     dataset = dataset_dir(cfg)
     load_manifest(dataset)  # a clear error if the dataset (and so the tokenizer) is not there
+    tracking.setup(cfg)  # where the registered model is
     fs, path = filesystem(dataset)
     tokenizer = Tokenizer(fs.cat_file(join(path, TOKENIZER)))
     model = load_model(cfg.eval.model or default_model_uri(cfg)).model.eval()

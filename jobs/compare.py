@@ -42,8 +42,9 @@ def compare(cfg: RunConfig, run_ids: list[str] = (), split: str = "", metric: st
     if metric not in METRICS:
         raise SystemExit(f"gss compare: --metric must be one of {', '.join(METRICS)}")
     split = split or cfg.eval.splits[0]
+    experiment_id = tracking.setup(cfg)  # first: the client takes the tracking URI it sets
     client = MlflowClient()
-    runs = eval_runs(client, tracking.setup(cfg), list(run_ids))
+    runs = eval_runs(client, experiment_id, list(run_ids))
     models: dict[tuple[str, str], dict[str, Any]] = {}
     for run in sorted(runs, key=lambda r: r.info.start_time):
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics

@@ -57,8 +57,16 @@ def test_rerun_skips_every_stage(finished, capsys):
     assert len(runs) == 3  # no new stage runs
 
 
+def elsewhere(tmp_path):
+    """Point MLflow at another store, as a fresh process would be: commands must find their own."""
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")
+
+
 def test_compare_reads_the_results_back(finished, tmp_path):
     overrides, _ = finished
+    elsewhere(tmp_path)
     rows = compare(load_config(None, overrides), out=str(tmp_path))
     assert len(rows) == 1 and rows[0]["arch"] == "gss" and sorted(rows[0]["lengths"]) == [64, 128, 256]
     assert rows[0]["train_tokens"] == 10 * 1024 and rows[0]["parameters"] > 0
@@ -66,8 +74,9 @@ def test_compare_reads_the_results_back(finished, tmp_path):
     assert "L=256" in (tmp_path / "compare.md").read_text()
 
 
-def test_reeval_evaluates_only_what_is_missing_and_then_nothing(finished):
+def test_reeval_evaluates_only_what_is_missing_and_then_nothing(finished, tmp_path):
     overrides, _ = finished
+    elsewhere(tmp_path)
     assert reeval(load_config(None, overrides)) == []  # the run's eval covered the suite
     grown = load_config(None, [*overrides, f"eval.lengths={[32, *LENGTHS]}"])
     done = reeval(grown)
@@ -83,7 +92,8 @@ def test_an_interrupted_eval_counts_for_nothing(finished):
     assert suite_todo(cfg, result["model_uri"]) == {"validation": [16], "test": [16]}
 
 
-def test_generate_samples_from_the_registered_model(finished, capsys):
+def test_generate_samples_from_the_registered_model(finished, capsys, tmp_path):
     overrides, _ = finished
+    elsewhere(tmp_path)
     main(["generate", *overrides, "--prompt", "The river", "--max-new-tokens", "12"])
     assert capsys.readouterr().out.startswith("The river")
