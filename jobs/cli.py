@@ -90,7 +90,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     prompt = [tokenizer.eod_id] + tokenizer.sp.encode(args.prompt)  # a document starts after </s>
     out = model.generate(torch.tensor([prompt]), args.max_new_tokens, args.temperature, args.top_k)
-    print(args.prompt + tokenizer.decode(out[0, len(prompt):].tolist()))
+    print(tokenizer.decode(out[0].tolist()))  # as a whole: a piece's leading space survives only mid-text
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
