@@ -20,13 +20,16 @@ def cmd_params(args: argparse.Namespace) -> None:
         print(f"{name:<20} {cfg.arch:<12} {cfg.n_layers:>6} {count / 1e6:>11.1f}M")
 
 
-def _config(args: argparse.Namespace):
+def _config_words(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     """CONFIG (a YAML file, optional) followed by key.sub=value overrides."""
+    words = list(args.config_and_overrides)
+    return (words.pop(0) if words and "=" not in words[0] else None), words
+
+
+def _config(args: argparse.Namespace):
     from pipeline.config import load_config
 
-    words = list(args.config_and_overrides)
-    path = words.pop(0) if words and "=" not in words[0] else None
-    return load_config(path, words)
+    return load_config(*_config_words(args))
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -50,12 +53,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_run(args: argparse.Namespace) -> None:
     from jobs.run import local_config, run_pipeline
 
-    words = list(args.config_and_overrides)
-    if words and "=" not in words[0]:
-        cfg = _config(args)
-    else:  # no CONFIG: the README's main job on local text
-        cfg = local_config(words)
-    run_pipeline(cfg)
+    path, overrides = _config_words(args)
+    # no CONFIG: the README's main job on local text
+    run_pipeline(_config(args) if path else local_config(overrides))
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -73,12 +73,11 @@ def cmd_reeval(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
+    from pipeline import tracking
     from pipeline.evaluate import default_model_uri, load_model
     from pipeline.prepare import TOKENIZER, dataset_dir, load_manifest
     from pipeline.storage import filesystem, join
     from pipeline.tokenizer import Tokenizer
-
-    from pipeline import tracking
 
     cfg = _config(args)
     dataset = dataset_dir(cfg)

@@ -9,6 +9,7 @@ Markdown and a plot.
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Any
 
 from pipeline.config import RunConfig
@@ -69,8 +70,6 @@ def compare(cfg: RunConfig, run_ids: list[str] = (), split: str = "", metric: st
     fs.makedirs(folder, exist_ok=True)
     fs.pipe(join(folder, "compare.md"), table.encode())
     fs.pipe(join(folder, "compare.csv"), _csv(rows, lengths).encode())
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, "compare.png")
         _plot(rows, f"{split} {metric}", local)
@@ -112,15 +111,13 @@ def _plot(rows: list[dict[str, Any]], what: str, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pipeline.evaluate import length_axis
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
         points = sorted(r["lengths"].items())
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{r['run']} ({r['arch']})")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("evaluation length (tokens)")
-    ax.set_ylabel(what)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    length_axis(ax, what)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

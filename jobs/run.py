@@ -11,7 +11,7 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import RunConfig, load_config
+from pipeline.config import RunConfig, load_config, to_dict
 
 SHARED_PG19 = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "pg19"
 
@@ -58,8 +58,6 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     parent = _parent_run(cfg)
     with mlflow.start_run(run_id=parent.info.run_id):
         if not parent.data.params:
-            from pipeline.config import to_dict
-
             log_params(to_dict(cfg))
         dataset = dataset_dir(cfg)
         if is_complete(dataset):
@@ -74,10 +72,9 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
             print(f"[eval] skipped: {trained['model_uri']} already has results for the suite")
             evaluated = {}
     result = {"parent_run_id": parent.info.run_id, "dataset": dataset, **trained, "eval": evaluated}
-    root = cfg.root
     print(f"\ndone: MLflow run {cfg.name} ({parent.info.run_id}) in experiment {cfg.tracking.experiment!r}")
     print(f"  look:  mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}   (then http://127.0.0.1:5000)")
     if evaluated:
         print(f"  plot:  {evaluated['plot']}")
-    print(f"  files: {root}", flush=True)
+    print(f"  files: {cfg.root}", flush=True)
     return result

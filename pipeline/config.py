@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.storage import absolute
+
 SPLITS = ("train", "validation", "test")
 
 
@@ -215,16 +217,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         apply_override(data, override)
     cfg = from_dict(RunConfig, data)
     # local paths made absolute here: Ray workers do not share the driver's working folder
-    cfg.root = _absolute(cfg.root)
-    cfg.data.source.path = _absolute(cfg.data.source.path)
-    cfg.data.tokenizer.path = _absolute(cfg.data.tokenizer.path)
+    cfg.root = absolute(cfg.root)
+    cfg.data.source.path = absolute(cfg.data.source.path)
+    cfg.data.tokenizer.path = absolute(cfg.data.tokenizer.path)
     if not cfg.eval.model.startswith(("models:/", "runs:/")):
-        cfg.eval.model = _absolute(cfg.eval.model)
+        cfg.eval.model = absolute(cfg.eval.model)
     return cfg
-
-
-def _absolute(path: str) -> str:
-    return path if not path or "://" in path else os.path.abspath(path)
 
 
 def fingerprint(obj: Any, length: int = 10) -> str:

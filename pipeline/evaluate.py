@@ -114,14 +114,9 @@ def load_model(ref: str) -> LoadedModel:
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
-        client = MlflowClient()
-        name, _, which = ref.removeprefix("models:/").partition("@")
         try:
-            if which:
-                version = client.get_model_version_by_alias(name, which)
-            else:
-                name, _, number = name.partition("/")
-                version = client.get_model_version(name, number)
+            name, _, number = resolve_model_uri(ref).removeprefix("models:/").partition("/")
+            version = MlflowClient().get_model_version(name, number)
         except MlflowException as e:
             raise EvalError(f"no registered model {ref} in {mlflow.get_tracking_uri()} ({e.message}); "
                             "train it first (`gss train` / `gss run`) or give eval.model=<checkpoint folder>") from None
@@ -165,7 +160,7 @@ def evaluate(cfg: RunConfig, loaded: LoadedModel, todo: dict[str, list[int]] | N
         raise EvalError(f"{loaded.uri} was trained with another tokenizer than {dataset}'s; evaluate it with "
                         "the data config it was trained on")
     ec = cfg.eval
-    todo = todo or {split: list(ec.lengths) for split in ec.splits}
+    todo = todo or suite(cfg)
     device = pick_device(ec.device)
     model = loaded.model.to(device).eval()
     eod = manifest["tokenizer"]["eod_id"]
@@ -208,17 +203,27 @@ def plot(rows: list[dict[str, Any]], train_length: int | None, title: str, path:
         axes[0].plot(lengths, [r["token_ppl"] for r in done], marker="o", label=split)
         axes[1].plot(lengths, [r["word_ppl"] for r in done], marker="o", label=split)
     for ax, label in zip(axes, ("token perplexity", "word-level perplexity")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("evaluation length (tokens)")
-        ax.set_ylabel(label)
         if train_length:
             ax.axvline(train_length, color="grey", linestyle="--", label=f"training length {train_length}")
-        ax.legend()
-        ax.grid(alpha=0.3)
+        length_axis(ax, label)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def length_axis(ax, ylabel: str) -> None:
+    """A metric against evaluation length: log2 length axis, labels, legend, light grid."""
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("evaluation length (tokens)")
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    ax.grid(alpha=0.3)
+
+
+def suite(cfg: RunConfig) -> dict[str, list[int]]:
+    """The evaluation suite of a config: {split: lengths}."""
+    return {split: list(cfg.eval.lengths) for split in cfg.eval.splits}
 
 
 def suite_keys(todo: dict[str, list[int]]) -> list[str]:
@@ -235,7 +240,7 @@ def eval_stage(cfg: RunConfig, model_ref: str | None = None, todo: dict[str, lis
     tracking.setup(cfg)
     loaded = load_model(model_ref or default_model_uri(cfg))
     dataset = dataset_dir(cfg)
-    todo = todo or {split: list(cfg.eval.lengths) for split in cfg.eval.splits}
+    todo = todo or suite(cfg)
     info = _training_info(loaded)
     print(f"evaluating {loaded.uri} on {dataset}")
     tags = {"gss.model_uri": loaded.uri, "gss.dataset": dataset, "gss.arch": loaded.model.cfg.arch,
@@ -316,5 +321,5 @@ def suite_todo(cfg: RunConfig, model_ref: str) -> dict[str, list[int]]:
     done = set()
     for run in MlflowClient().search_runs([experiment_id], query):
         done.update(json.loads(run.data.tags.get("gss.eval_done", "[]")))
-    todo = {split: [n for n in cfg.eval.lengths if f"{split}:{n}" not in done] for split in cfg.eval.splits}
+    todo = {split: [n for n in lengths if f"{split}:{n}" not in done] for split, lengths in suite(cfg).items()}
     return {split: lengths for split, lengths in todo.items() if lengths}

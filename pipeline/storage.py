@@ -20,7 +20,7 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple
 
 def absolute(url: str) -> str:
     """A local path made absolute (Ray workers do not share the driver's working folder); URLs unchanged."""
-    return url if "://" in url else os.path.abspath(url)
+    return url if not url or "://" in url else os.path.abspath(url)
 
 
 def join(*parts: str) -> str:
