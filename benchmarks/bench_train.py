@@ -17,9 +17,10 @@ import torch
 
 from benchmarks.common import flops_per_token, mfu, print_table, write_json
 from models import build_model
-from pipeline.config import load_config
-from pipeline.prepare import dataset_dir, load_manifest, prepare
-from pipeline.train import model_config, train_stage
+from pipeline.config import load_config, model_config
+from pipeline.dataset import dataset_dir, load_manifest
+from pipeline.prepare import prepare
+from pipeline.train import train_stage
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "pg19"
 

@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from models import LanguageModel, ModelConfig
 
@@ -139,8 +138,7 @@ def train_step(
 
     def step() -> None:
         with autocast(args, device):
-            logits = model(ids[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+            _, loss = model(ids[:, :-1], ids[:, 1:])
         loss.backward()
         if optimizer is not None:
             optimizer.step()

@@ -27,9 +27,19 @@ def _config_words(args: argparse.Namespace) -> tuple[str | None, list[str]]:
 
 
 def _config(args: argparse.Namespace):
+    """The command's config, checked whole; from here on the libraries log to <root>/logs/gss.log."""
     from pipeline.config import load_config
+    from pipeline.logs import route_library_logs
 
-    return load_config(*_config_words(args))
+    path, overrides = _config_words(args)
+    if args.command == "run" and not path:
+        from jobs.run import local_config
+
+        cfg = local_config(overrides)  # no CONFIG: the README's main job on local text
+    else:
+        cfg = load_config(path, overrides)
+    route_library_logs(cfg.root)
+    return cfg
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -51,11 +61,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from jobs.run import local_config, run_pipeline
+    from jobs.run import run_pipeline
 
-    path, overrides = _config_words(args)
-    # no CONFIG: the README's main job on local text
-    run_pipeline(_config(args) if path else local_config(overrides))
+    run_pipeline(_config(args))
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -74,18 +82,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
     from pipeline import tracking
-    from pipeline.evaluate import default_model_uri, load_model
-    from pipeline.prepare import TOKENIZER, dataset_dir, load_manifest
-    from pipeline.storage import filesystem, join
-    from pipeline.tokenizer import Tokenizer
+    from pipeline.dataset import dataset_dir, read_tokenizer
+    from pipeline.evaluate import load_model
 
     cfg = _config(args)
-    dataset = dataset_dir(cfg)
-    load_manifest(dataset)  # a clear error if the dataset (and so the tokenizer) is not there
+    tokenizer = read_tokenizer(dataset_dir(cfg))  # a clear error if the dataset is not there
     tracking.setup(cfg)  # where the registered model is
-    fs, path = filesystem(dataset)
-    tokenizer = Tokenizer(fs.cat_file(join(path, TOKENIZER)))
-    model = load_model(cfg.eval.model or default_model_uri(cfg)).model.eval()
+    model = load_model(tracking.default_model_uri(cfg)).model.eval()
     torch.manual_seed(args.seed)
     prompt = [tokenizer.eod_id] + tokenizer.sp.encode(args.prompt)  # a document starts after </s>
     out = model.generate(torch.tensor([prompt]), args.max_new_tokens, args.temperature, args.top_k)
@@ -95,7 +98,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_submit(args: argparse.Namespace) -> None:
     from jobs.submit import submit_main
 
-    submit_main(args)
+    submit_main(args, [c for c in command_names() if c != "submit"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,17 +168,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_names() -> list[str]:
+    """The `gss` subcommands."""
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return list(subparsers.choices)
+
+
 def main(argv: list[str] | None = None) -> None:
     from pipeline.config import ConfigError
+    from pipeline.dataset import DatasetError
     from pipeline.evaluate import EvalError
-    from pipeline.prepare import PrepareError
     from pipeline.sources import SourceError
     from pipeline.train import TrainingError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, SourceError, PrepareError, TrainingError, EvalError) as e:  # they say what to do
+    except (ConfigError, SourceError, DatasetError, TrainingError, EvalError) as e:  # they say what to do
         raise SystemExit(f"gss {args.command}: {e}") from None
 
 

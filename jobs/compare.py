@@ -13,19 +13,20 @@ import tempfile
 from typing import Any
 
 from pipeline.config import RunConfig
+from pipeline.tracking import Tag, tag_is
 
 METRICS = ("token_ppl", "word_ppl", "bits_per_byte")
 
 
 def eval_runs(client, experiment_id: str, run_ids: list[str]) -> list[Any]:
     """Finished eval runs: of the experiment, or the given runs (an eval run, or a `gss run` parent's evals)."""
-    finished = "tags.`gss.stage` = 'eval' AND attributes.status = 'FINISHED'"
+    finished = f"{tag_is(Tag.STAGE, 'eval')} AND attributes.status = 'FINISHED'"
     if not run_ids:
         return client.search_runs([experiment_id], finished, max_results=5000)
     runs = []
     for run_id in run_ids:
         run = client.get_run(run_id)
-        if run.data.tags.get("gss.stage") == "eval":
+        if run.data.tags.get(Tag.STAGE) == "eval":
             runs.append(run)
         else:
             runs += client.search_runs([run.info.experiment_id],
@@ -49,9 +50,9 @@ def compare(cfg: RunConfig, run_ids: list[str] = (), split: str = "", metric: st
     models: dict[tuple[str, str], dict[str, Any]] = {}
     for run in sorted(runs, key=lambda r: r.info.start_time):
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
-        key = (tags.get("gss.model_uri", run.info.run_id), tags.get("gss.dataset", ""))
+        key = (tags.get(Tag.MODEL_URI, run.info.run_id), tags.get(Tag.DATASET, ""))
         row = models.setdefault(key, {
-            "run": tags.get("gss.run_name", ""), "arch": tags.get("gss.arch", ""), "model": key[0],
+            "run": tags.get(Tag.RUN_NAME, ""), "arch": tags.get(Tag.ARCH, ""), "model": key[0],
             "parameters": int(params.get("model.parameters", 0)), "train_tokens": metrics.get("train.tokens"),
             "train_tokens_per_s": metrics.get("train.tokens_per_second"), "lengths": {},
         })

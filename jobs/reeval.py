@@ -14,16 +14,14 @@ from typing import Any
 
 from pipeline.config import RunConfig
 
-ALIAS = "current"
-
-
 def reeval(cfg: RunConfig) -> list[dict[str, Any]]:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     from pipeline import tracking
+    from pipeline.dataset import dataset_dir, load_manifest
     from pipeline.evaluate import eval_stage, suite_todo
-    from pipeline.prepare import dataset_dir, load_manifest
+    from pipeline.tracking import ALIAS, Tag
 
     tracking.setup(cfg)
     dataset = dataset_dir(cfg)
@@ -36,7 +34,7 @@ def reeval(cfg: RunConfig) -> list[dict[str, Any]]:
         except MlflowException:
             continue  # not one of ours (`gss train` always sets the alias)
         uri = f"models:/{registered.name}/{version.version}"
-        if version.tags.get("gss.tokenizer_sha256") != tokenizer:
+        if version.tags.get(Tag.TOKENIZER_SHA256) != tokenizer:
             print(f"[reeval] {uri}: trained with another tokenizer than {dataset}; not evaluated with this config")
             continue
         todo = suite_todo(cfg, uri)
@@ -44,7 +42,7 @@ def reeval(cfg: RunConfig) -> list[dict[str, Any]]:
             print(f"[reeval] {uri}: up to date")
             continue
         print(f"[reeval] {uri}: evaluating {todo}")
-        named = dataclasses.replace(cfg, name=version.tags.get("gss.run_name", registered.name))
+        named = dataclasses.replace(cfg, name=version.tags.get(Tag.RUN_NAME, registered.name))
         done.append({"model": uri, "todo": todo, **eval_stage(named, uri, todo)})
     print(f"[reeval] {len(done)} model(s) evaluated")
     return done

@@ -40,18 +40,20 @@ def _parent_run(cfg: RunConfig):
 
     experiment_id = tracking.setup(cfg)
     client = MlflowClient()
-    found = client.search_runs([experiment_id], f"tags.`gss.pipeline` = '{cfg.name}'", max_results=1)
+    found = client.search_runs([experiment_id], tracking.tag_is(tracking.Tag.PIPELINE, cfg.name), max_results=1)
     if found:
         return found[0]
-    return client.create_run(experiment_id, run_name=cfg.name, tags={"gss.pipeline": cfg.name,
-                                                                     "gss.run_name": cfg.name})
+    return client.create_run(experiment_id, run_name=cfg.name,
+                             tags={tracking.Tag.PIPELINE: cfg.name, tracking.Tag.RUN_NAME: cfg.name})
 
 
 def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     import mlflow
 
+    from pipeline.dataset import dataset_dir, is_complete
     from pipeline.evaluate import eval_stage, suite_todo
-    from pipeline.prepare import dataset_dir, is_complete, prepare_stage
+    from pipeline.logs import log_folder
+    from pipeline.prepare import prepare_stage
     from pipeline.tracking import log_params
     from pipeline.train import train_stage
 
@@ -76,5 +78,6 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     print(f"  look:  mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}   (then http://127.0.0.1:5000)")
     if evaluated:
         print(f"  plot:  {evaluated['plot']}")
-    print(f"  files: {cfg.root}", flush=True)
+    print(f"  files: {cfg.root}")
+    print(f"  logs:  {log_folder(cfg.root)} (gss.log: Ray, MLflow; ray/: the workers)", flush=True)
     return result

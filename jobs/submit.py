@@ -28,19 +28,18 @@ def runtime_env() -> dict:
     return {"working_dir": str(PROJECT), "excludes": EXCLUDES, "env_vars": env}
 
 
-def entrypoint(command: list[str]) -> str:
-    """`gss <command> ...` as the job's shell command: this project's CLI in the cluster's Python."""
-    from jobs.cli import build_parser
+def entrypoint(command: list[str], commands: list[str]) -> str:
+    """`gss <command> ...` as the job's shell command: this project's CLI in the cluster's Python.
 
+    `commands`: the gss commands a job may run (the CLI passes its own, less `submit`)."""
     words = command[1:] if command and command[0] == "--" else command
-    choices = next(a.choices for a in build_parser()._subparsers._group_actions)  # the subcommands
-    if len(words) < 2 or words[0] != "gss" or words[1] not in choices or words[1] == "submit":
+    if len(words) < 2 or words[0] != "gss" or words[1] not in commands:
         raise SystemExit("gss submit: give the command after --, e.g. `gss submit -- gss run configs/paper-pg19.yaml`"
-                         f" (commands: {', '.join(c for c in choices if c != 'submit')})")
+                         f" (commands: {', '.join(commands)})")
     return "python -m jobs.cli " + shlex.join(words[1:])
 
 
-def submit_main(args: argparse.Namespace) -> None:
+def submit_main(args: argparse.Namespace, commands: list[str]) -> None:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     address = args.address or os.environ.get("RAY_ADDRESS", "") or DEFAULT_ADDRESS
@@ -61,7 +60,7 @@ def submit_main(args: argparse.Namespace) -> None:
         print(f"stop requested: {client.stop_job(args.stop)}")
         return
 
-    job_id = client.submit_job(entrypoint=entrypoint(args.command), runtime_env=runtime_env(),
+    job_id = client.submit_job(entrypoint=entrypoint(args.command, commands), runtime_env=runtime_env(),
                                metadata={"gss": shlex.join(args.command)})
     print(f"submitted {job_id} to {address}\n  status: gss submit --status {job_id}\n"
           f"  logs:   gss submit --logs {job_id}\n  stop:   gss submit --stop {job_id}", flush=True)

@@ -1,7 +1,10 @@
 """GSS-family language models in pure PyTorch: no device, parallelism or logging code."""
 
 from .config import ARCHS, PRESETS, ModelConfig
-from .model import DecodeState, LanguageModel, build_model, sample
+from .model import DecodeState, LanguageModel, build_model, next_token_loss, sample
 from .ssm import DiagonalSSM
 
-__all__ = ["ARCHS", "PRESETS", "DecodeState", "DiagonalSSM", "LanguageModel", "ModelConfig", "build_model", "sample"]
+__all__ = [
+    "ARCHS", "PRESETS", "DecodeState", "DiagonalSSM", "LanguageModel", "ModelConfig", "build_model", "next_token_loss",
+    "sample",
+]  # fmt: skip

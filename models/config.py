@@ -2,38 +2,77 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, replace
+from typing import Literal
 
-ARCHS = ("gss", "dss", "transformer", "hybrid")
+Arch = Literal["gss", "dss", "transformer", "hybrid"]
+SSMKernel = Literal["fft", "chunked"]
+ARCHS: tuple[str, ...] = typing.get_args(Arch)
+SSM_KERNELS: tuple[str, ...] = typing.get_args(SSMKernel)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = "gss"  # "gss" | "dss" | "transformer" | "hybrid"
+    """The architecture and its sizes; `__post_init__` refuses a config no model can be built from."""
+
+    arch: Arch = "gss"
+    """gss | dss (DSS over E plus an MLP per block) | transformer | hybrid (GSS with local-attention layers)."""
     vocab_size: int = 32_000
-    d_model: int = 1024  # E: the residual stream
+    """Token ids are in [0, vocab_size); the pipeline sets it from the dataset's tokenizer."""
+    d_model: int = 1024
+    """E: the residual stream."""
     n_layers: int = 16
-    d_gate: int = 4096  # F: GSS gate branch width; also the MLP width of DSS and attention blocks
-    d_ssm: int = 256  # H: GSS channels fed to the state space (DSS blocks use d_model)
-    state_size: int = 512  # N: complex modes per DSS kernel
-    ssm_kernel: str = "fft"  # "fft" (real FFT) | "chunked" (no FFT: matmuls + carried state; TPU)
-    ssm_chunk: int = 128  # tokens per chunk of the chunked kernel
-    # the slowest mode's memory at init, in tokens (decay rates log-uniform in [1/this, 1]); the paper's 1000
+    """Blocks in the stack (0: embeddings and output head only)."""
+    d_gate: int = 4096
+    """F: GSS gate branch width; also the MLP width of DSS and attention blocks."""
+    d_ssm: int = 256
+    """H: GSS channels fed to the state space (DSS blocks use d_model)."""
+    state_size: int = 512
+    """N: complex modes per DSS kernel."""
+    ssm_kernel: SSMKernel = "fft"
+    """fft (real FFT) | chunked (no FFT: matmuls + carried state; TPU)."""
+    ssm_chunk: int = 128
+    """Tokens per chunk of the chunked kernel."""
     ssm_max_memory: float = 1000.0
-    n_heads: int = 16  # attention heads (transformer, hybrid)
-    attn_chunk: int = 512  # hybrid: attention within non-overlapping chunks of this many tokens
-    attn_every: int = 4  # hybrid: every k-th layer is a local-attention block
+    """The slowest mode's memory at init, in tokens (decay rates log-uniform in [1/this, 1]); the paper's 1000."""
+    n_heads: int = 16
+    """Attention heads (transformer, hybrid)."""
+    attn_chunk: int = 512
+    """Hybrid: attention within non-overlapping chunks of this many tokens."""
+    attn_every: int = 4
+    """Hybrid: every k-th layer is a local-attention block."""
     rope_base: float = 10_000.0
+    """RoPE's base: channel pair i of a head turns at base^(-i / pairs) radians per token (transformer, hybrid)."""
     tie_embeddings: bool = True
+    """The output head shares the embedding matrix."""
     init_std: float = 0.02
+    """Standard deviation of the normal init of embeddings and linear weights."""
 
     def __post_init__(self) -> None:
+        """Each message starts with the field's name, so the pipeline can prefix its key (train.model.)."""
         if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
-        if self.ssm_kernel not in ("fft", "chunked"):
-            raise ValueError(f"ssm_kernel must be 'fft' or 'chunked', got {self.ssm_kernel!r}")
-        if self.arch in ("transformer", "hybrid") and self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if self.ssm_kernel not in SSM_KERNELS:
+            raise ValueError(f"ssm_kernel must be one of {', '.join(SSM_KERNELS)}, got {self.ssm_kernel!r}")
+        sizes = ("vocab_size", "d_model", "d_gate", "d_ssm", "state_size", "ssm_chunk", "n_heads", "attn_chunk",
+                 "attn_every")  # fmt: skip
+        for name in sizes:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
+        if self.n_layers < 0:
+            raise ValueError(f"n_layers={self.n_layers}: must be at least 0 (0: embeddings and output head only)")
+        if self.ssm_max_memory < 1:
+            raise ValueError(f"ssm_max_memory={self.ssm_max_memory}: must be at least 1 (a memory in tokens)")
+        if self.rope_base <= 1:
+            raise ValueError(f"rope_base={self.rope_base}: must be greater than 1")
+        if self.init_std <= 0:
+            raise ValueError(f"init_std={self.init_std}: must be greater than 0")
+        if self.arch in ("transformer", "hybrid"):
+            head_width, rest = divmod(self.d_model, self.n_heads)
+            if rest or head_width % 2:
+                raise ValueError(f"d_model={self.d_model}: must be n_heads={self.n_heads} times an even head width "
+                                 "(RoPE rotates pairs of channels)")
 
     def layer_kinds(self) -> list[str]:
         """The block type of each layer, bottom to top."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -218,12 +218,17 @@ class LanguageModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        """input_ids [B, L] -> logits [B, L, vocab]: the parallel (training) pass."""
+    def forward(self, input_ids: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """The parallel (training) pass: input_ids [B, L] -> (logits [B, L, vocab], loss).
+
+        loss is next_token_loss(logits, targets) for targets [B, L] (usually input_ids shifted by
+        one), else None.
+        """
         x = self.embed(input_ids)
         for block in self.blocks:
             x, _ = block(x)
-        return self.head(self.norm(x))
+        logits = self.head(self.norm(x))
+        return logits, (None if targets is None else next_token_loss(logits, targets))
 
     def init_state(self, batch_size: int) -> DecodeState:
         return DecodeState(0, [block.init_state(batch_size) for block in self.blocks])
@@ -260,6 +265,16 @@ class LanguageModel(nn.Module):
             if i + 1 < max_new_tokens:
                 logits, state = self.step(next_token, state)
         return torch.cat(tokens, dim=1)
+
+
+def next_token_loss(logits: Tensor, targets: Tensor, reduction: Literal["mean", "sum", "none"] = "mean") -> Tensor:
+    """Cross-entropy of logits [B, L, vocab] against targets [B, L]; "none" gives [B, L].
+
+    Computed in at least float32: under bf16 autocast the logits are bf16, too coarse for a loss.
+    """
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+    return loss.view(targets.shape) if reduction == "none" else loss
 
 
 def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None) -> Tensor:

@@ -46,12 +46,19 @@ class Backend:
             value /= dist.get_world_size()
         return value
 
+    def local_rows(self, rows: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+        """This worker's share of rows that all workers hold (validation windows): every world-th row."""
+        return rows[rank::world]
+
     def step_done(self) -> None:
         pass
 
-    def fallback_ops(self) -> dict[str, int]:
-        """Ops that ran on the host instead of the accelerator (XLA only)."""
-        return {}
+    def clear_fallback_counts(self) -> None:
+        pass
+
+    def fallback_ops(self) -> dict[str, int] | None:
+        """Ops that ran on the host instead of the accelerator, with counts; None where that is not counted."""
+        return None
 
     def peak_memory_bytes(self) -> int:
         if self.device.type == "cuda":
@@ -101,6 +108,9 @@ class XLABackend(Backend):
         xs.mark_sharding(batch, self.mesh, ("data", None))
         return batch
 
+    def local_rows(self, rows: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+        return rows  # SPMD: `to_device` shards the rows over the mesh
+
     def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
         return value  # SPMD: the loss is already global
 
@@ -114,17 +124,16 @@ class XLABackend(Backend):
 
         return {n: metrics.counter_value(n) for n in metrics.counter_names() if n.startswith("aten::")}
 
-    def clear_metrics(self) -> None:
+    def clear_fallback_counts(self) -> None:
         from torch_xla.debug import metrics
 
         metrics.clear_all()
 
 
 def _dtype(cfg: TrainConfig, accelerator: bool) -> torch.dtype | None:
+    """The autocast dtype of `train.precision`: bf16 on accelerators for auto; None means full precision."""
     if cfg.precision == "auto":
         return torch.bfloat16 if accelerator else None
-    if cfg.precision not in ("bf16", "fp32"):
-        raise ValueError(f"train.precision={cfg.precision!r}: use auto, bf16 or fp32")
     return torch.bfloat16 if cfg.precision == "bf16" else None
 
 
@@ -143,7 +152,7 @@ def make_backend(cfg: TrainConfig) -> Backend:
 
         xr.use_spmd()
         return XLABackend("xla", torch_xla.device(), _dtype(cfg, accelerator=True))
-    raise ValueError(f"train.backend={cfg.backend!r}: use cpu, cuda or xla")
+    raise ValueError(f"train.backend={cfg.backend!r}")  # config.py checks the choice at load
 
 
 def xla_backend_config() -> Any:

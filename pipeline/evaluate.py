@@ -23,14 +23,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from models import ModelConfig, build_model
-from models.model import LanguageModel
+from models import LanguageModel, ModelConfig, build_model, next_token_loss
+from pipeline import checkpoint
 from pipeline.config import RunConfig
-from pipeline.data import eval_documents
-from pipeline.prepare import dataset_dir, is_complete, load_manifest
+from pipeline.dataset import dataset_dir, eval_documents, is_complete, load_manifest
+from pipeline.tracking import Tag, default_model_uri, resolve_model_uri, tag_is
 
 
 class EvalError(RuntimeError):
@@ -72,8 +71,7 @@ def score_documents(model: LanguageModel, docs: list[np.ndarray], length: int, e
         for p in range(0, size, piece_tokens):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits, state = model.prefill(inputs[:, p: p + piece_tokens], state)
-            loss = F.cross_entropy(logits.float().transpose(1, 2), targets[:, p: p + piece_tokens], reduction="none")
-            totals += loss.sum(1).double()
+            totals += next_token_loss(logits, targets[:, p: p + piece_tokens], reduction="none").sum(1).double()
         for (d, _, _), total in zip(batch, totals.cpu().numpy()):
             nll[d] += total
         if progress is not None:
@@ -101,12 +99,6 @@ def metrics_at_length(nll: np.ndarray, docs: list[dict[str, Any]]) -> dict[str, 
 # Models: a checkpoint folder or an MLflow model URI
 
 
-def default_model_uri(cfg: RunConfig) -> str:
-    from pipeline.train import registered_name
-
-    return cfg.eval.model or f"models:/{registered_name(cfg)}@current"
-
-
 def load_model(ref: str) -> LoadedModel:
     """A `gss train` checkpoint folder (local or gs://), or an MLflow model URI (models:/name@alias, /version)."""
     if ref.startswith("models:/"):
@@ -121,19 +113,13 @@ def load_model(ref: str) -> LoadedModel:
             raise EvalError(f"no registered model {ref} in {mlflow.get_tracking_uri()} ({e.message}); "
                             "train it first (`gss train` / `gss run`) or give eval.model=<checkpoint folder>") from None
         model = mlflow.pytorch.load_model(f"models:/{name}/{version.version}", map_location="cpu")
-        return LoadedModel(model, f"models:/{name}/{version.version}", version.tags.get("gss.dataset", ""),
-                           version.tags.get("gss.tokenizer_sha256", ""), version.run_id or "")
+        return LoadedModel(model, f"models:/{name}/{version.version}", version.tags.get(Tag.DATASET, ""),
+                           version.tags.get(Tag.TOKENIZER_SHA256, ""), version.run_id or "")
 
-    from pipeline.storage import filesystem
-    from pipeline.train import load_state
-
-    fs, path = filesystem(ref)
-    if not fs.exists(f"{path}/state.pt"):
-        raise EvalError(f"{ref} is not a `gss train` checkpoint (no state.pt); give a checkpoint folder "
+    state = checkpoint.read(ref)
+    if state is None:
+        raise EvalError(f"{ref} is not a `gss train` checkpoint (no {checkpoint.STATE}); give a checkpoint folder "
                         "(see the MLflow run's checkpoints.txt) or an MLflow model URI")
-    with tempfile.TemporaryDirectory() as tmp:
-        fs.get(f"{path}/state.pt", os.path.join(tmp, "state.pt"))
-        state = load_state(tmp)
     model = build_model(ModelConfig(**state["model_config"]))
     model.load_state_dict(state["model"])
     return LoadedModel(model, ref)
@@ -165,28 +151,27 @@ def evaluate(cfg: RunConfig, loaded: LoadedModel, todo: dict[str, list[int]] | N
     model = loaded.model.to(device).eval()
     eod = manifest["tokenizer"]["eod_id"]
     rows = []
-    for split, lengths in todo.items():
-        if split not in manifest["splits"]:
-            raise EvalError(f"split {split!r} is not in {dataset} (it has {', '.join(manifest['splits'])})")
-        docs = eval_documents(dataset, split, limit=ec.max_documents or None)
-        arrays = [d["tokens"] for d in docs]
-        longest = max(len(a) for a in arrays)
-        for length in sorted(lengths):
-            if length > longest and length != min(lengths):  # every window would be a whole document
-                rows.append({"split": split, "length": length, "capped": True})
-                continue
-            started = time.perf_counter()
-            with tqdm(total=sum(map(len, arrays)), desc=f"eval {split} L={length}", unit="tok",
-                      unit_scale=True, leave=False) as bar:
+    with tqdm(total=0, desc="[eval]", unit="tok", unit_scale=True, dynamic_ncols=True) as bar:
+        for split, lengths in todo.items():
+            if split not in manifest["splits"]:
+                raise EvalError(f"split {split!r} is not in {dataset} (it has {', '.join(manifest['splits'])})")
+            docs = eval_documents(dataset, split, limit=ec.max_documents or None)
+            arrays = [d["tokens"] for d in docs]
+            longest = max(len(a) for a in arrays)
+            scored = [n for n in sorted(lengths) if n <= longest or n == min(lengths)]  # longer: whole documents
+            rows += [{"split": split, "length": n, "capped": True} for n in sorted(lengths) if n not in scored]
+            bar.total += sum(map(len, arrays)) * len(scored)
+            for length in scored:
+                started = time.perf_counter()
                 nll = score_documents(model, arrays, length, eod, ec.piece_tokens, ec.batch_size, device, bar)
-            seconds = time.perf_counter() - started
-            row = {"split": split, "length": length, "capped": False, "documents": len(docs),
-                   **metrics_at_length(nll, docs), "seconds": seconds}
-            row["tokens_per_second"] = row["tokens"] / seconds
-            print(f"  {split:<10} L={length:>6}  token ppl {row['token_ppl']:9.3f}  word ppl {row['word_ppl']:9.3f}"
-                  f"  bits/byte {row['bits_per_byte']:.4f}  ({seconds:.1f} s)", flush=True)
-            rows.append(row)
-    return rows
+                seconds = time.perf_counter() - started
+                row = {"split": split, "length": length, "capped": False, "documents": len(docs),
+                       **metrics_at_length(nll, docs), "seconds": seconds}
+                row["tokens_per_second"] = row["tokens"] / seconds
+                bar.write(f"[eval] {split:<10} L={length:>6}  token ppl {row['token_ppl']:9.3f}  word ppl "
+                          f"{row['word_ppl']:9.3f}  bits/byte {row['bits_per_byte']:.4f}  ({seconds:.1f} s)")
+                rows.append(row)
+    return sorted(rows, key=lambda r: (list(todo).index(r["split"]), r["length"]))
 
 
 def plot(rows: list[dict[str, Any]], train_length: int | None, title: str, path: str) -> None:
@@ -242,10 +227,10 @@ def eval_stage(cfg: RunConfig, model_ref: str | None = None, todo: dict[str, lis
     dataset = dataset_dir(cfg)
     todo = todo or suite(cfg)
     info = _training_info(loaded)
-    print(f"evaluating {loaded.uri} on {dataset}")
-    tags = {"gss.model_uri": loaded.uri, "gss.dataset": dataset, "gss.arch": loaded.model.cfg.arch,
-            "gss.max_documents": str(cfg.eval.max_documents)}
-    with tracking.stage_run(cfg, "eval", **tags) as run:
+    print(f"[eval] {loaded.uri} on {dataset}")
+    tags = {Tag.MODEL_URI: loaded.uri, Tag.DATASET: dataset, Tag.ARCH: loaded.model.cfg.arch,
+            Tag.MAX_DOCUMENTS: str(cfg.eval.max_documents)}
+    with tracking.stage_run(cfg, "eval", tags) as run:
         tracking.log_params({"eval": dataclasses.asdict(cfg.eval), "model": dataclasses.asdict(loaded.model.cfg),
                              "model.parameters": loaded.model.num_parameters(), **info["params"]})
         rows = evaluate(cfg, loaded, todo)
@@ -267,8 +252,8 @@ def eval_stage(cfg: RunConfig, model_ref: str | None = None, todo: dict[str, lis
             fs.put(local, join(out, "ppl_vs_length.png"))
             fs.pipe(join(out, "results.json"), json.dumps({"model": loaded.uri, "rows": rows}, indent=1).encode())
         # last: what reeval counts as done (a run stopped before this line is not complete)
-        mlflow.set_tag("gss.eval_done", json.dumps(suite_keys(todo)))
-    print(f"eval results: {join(out_dir, 'results.json')}, plot: {join(out_dir, 'ppl_vs_length.png')}")
+        mlflow.set_tag(Tag.EVAL_DONE, json.dumps(suite_keys(todo)))
+    print(f"[eval] results: {join(out_dir, 'results.json')}, plot: {join(out_dir, 'ppl_vs_length.png')}")
     return {"run_id": run.info.run_id, "rows": rows, "plot": join(out_dir, "ppl_vs_length.png")}
 
 
@@ -297,16 +282,6 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return "\n".join([",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in rows]) + "\n"
 
 
-def resolve_model_uri(ref: str) -> str:
-    """models:/name@alias -> models:/name/<version>, so results are recorded against a fixed version."""
-    if ref.startswith("models:/") and "@" in ref:
-        from mlflow import MlflowClient
-
-        name, _, alias = ref.removeprefix("models:/").partition("@")
-        return f"models:/{name}/{MlflowClient().get_model_version_by_alias(name, alias).version}"
-    return ref
-
-
 def suite_todo(cfg: RunConfig, model_ref: str) -> dict[str, list[int]]:
     """The (split, length) pairs of the config's suite that no finished eval run of this model has yet."""
     from mlflow import MlflowClient
@@ -315,11 +290,10 @@ def suite_todo(cfg: RunConfig, model_ref: str) -> dict[str, list[int]]:
 
     experiment_id = tracking.setup(cfg)
     uri = resolve_model_uri(model_ref)
-    query = (f"tags.`gss.stage` = 'eval' AND tags.`gss.model_uri` = '{uri}' AND "
-             f"tags.`gss.dataset` = '{dataset_dir(cfg)}' AND tags.`gss.max_documents` = '{cfg.eval.max_documents}'"
-             " AND attributes.status = 'FINISHED'")
+    query = " AND ".join([tag_is(Tag.STAGE, "eval"), tag_is(Tag.MODEL_URI, uri), tag_is(Tag.DATASET, dataset_dir(cfg)),
+                          tag_is(Tag.MAX_DOCUMENTS, str(cfg.eval.max_documents)), "attributes.status = 'FINISHED'"])
     done = set()
     for run in MlflowClient().search_runs([experiment_id], query):
-        done.update(json.loads(run.data.tags.get("gss.eval_done", "[]")))
+        done.update(json.loads(run.data.tags.get(Tag.EVAL_DONE, "[]")))
     todo = {split: [n for n in lengths if f"{split}:{n}" not in done] for split, lengths in suite(cfg).items()}
     return {split: lengths for split, lengths in todo.items() if lengths}

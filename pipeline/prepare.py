@@ -1,19 +1,7 @@
 """`gss prepare`: raw corpus -> SentencePiece tokenizer -> tokenized, packed Parquet shards.
 
-Output, under `<root>/datasets/<kind>-<fingerprint of the data config>/`:
-
-    tokenizer.model
-    train/shard-00000.parquet ...       rows of exactly seq_len tokens: tokens, doc_starts (offsets in the row
-                                        where a document begins). Shard k holds work unit k's documents (see
-                                        `sources`), each followed by the end-of-document id, cut into rows;
-                                        the last shard holds the units' leftover tails, cut the same way (only
-                                        its very last row may be shorter).
-    validation/shard-00000.parquet ...  one row per document piece: doc (its index in the shard), piece,
-    test/...                            n_pieces, tokens, source, n_words, n_bytes (of the whole document)
-    manifest.json                       resolved config, tokenizer hash, per-shard rows/tokens/sha256, counts, skips
-    _COMPLETE                           written last; its presence means everything above is final
-
-Stages, each a Ray Data job over work items that are done at most once:
+What it writes, and how the other stages read it, is `pipeline.dataset`. Stages, each a Ray Data job over
+work items that are done at most once:
 
 1. tokenizer: sample training documents (a hash of their name decides, so any partitioning samples
    the same ones) and train SentencePiece; or copy the one given.
@@ -31,8 +19,6 @@ different fingerprint, hence a new folder beside the old one.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
 import json
 import os
 import tempfile
@@ -42,89 +28,22 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
-from pipeline.config import DataConfig, RunConfig, fingerprint, to_dict
+from pipeline.config import RunConfig, to_dict
+from pipeline.dataset import (COMPLETE, MANIFEST, TOKENIZER, DatasetError, build_manifest, dataset_dir,
+                              eval_rows_table, given_tokenizer, parquet_bytes, resolved_data_config,
+                              train_rows_table, write_shard)
 from pipeline.sources import Unit, in_sample, plan_units, read_unit, split_files
 from pipeline.storage import filesystem, join, read_json, write_bytes_atomic, write_json_atomic
-from pipeline.tokenizer import Tokenizer, tokenizer_hash, train_tokenizer, training_pieces
-
-MANIFEST = "manifest.json"
-COMPLETE = "_COMPLETE"
-TOKENIZER = "tokenizer.model"
-FORMAT_VERSION = 2  # 2: a shard per unit plus a tails shard
+from pipeline.tokenizer import Tokenizer, train_tokenizer, training_pieces
 
 ItemCallback = Callable[[dict], None]  # called with each finished unit's result
 
 
-class PrepareError(RuntimeError):
+class PrepareError(DatasetError):
     """The job cannot produce a usable dataset; the message says why and what to do."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# Identity and layout
-
-
-def data_identity(cfg: RunConfig) -> dict[str, Any]:
-    """Everything that determines the dataset's bytes, and nothing that only changes how fast it is made.
-
-    Only settings that differ from their defaults count, so that a setting added later (with a default
-    that keeps the old behaviour) leaves existing datasets where they are. Changing a default's meaning
-    is a format change: bump FORMAT_VERSION.
-    """
-    data = _changed(to_dict(cfg.data), to_dict(DataConfig()))
-    data.pop("num_actors", None)
-    data.setdefault("source", {}).update(kind=cfg.data.source.kind, path=cfg.data.source.path)
-    data["source"].pop("storage_options", None)  # credentials do not change the data
-    if cfg.data.tokenizer.path:  # a given tokenizer is identified by its content, not its path
-        data["tokenizer"] = {"sha256": tokenizer_hash(_read_bytes(cfg.data.tokenizer.path))}
-    data["format_version"] = FORMAT_VERSION
-    return data
-
-
-def _resolved_data(cfg: RunConfig) -> dict[str, Any]:
-    """The data config as run, for the record (the manifest, MLflow); credentials left out."""
-    data = to_dict(cfg.data)
-    data["source"].pop("storage_options")
-    return data
-
-
-def _changed(value: dict[str, Any], default: dict[str, Any]) -> dict[str, Any]:
-    """The entries of `value` that differ from `default`, recursively."""
-    out = {}
-    for key, item in value.items():
-        if isinstance(item, dict) and isinstance(default.get(key), dict):
-            if sub := _changed(item, default[key]):
-                out[key] = sub
-        elif key not in default or item != default[key]:
-            out[key] = item
-    return out
-
-
-def dataset_dir(cfg: RunConfig) -> str:
-    return join(cfg.root, "datasets", f"{cfg.data.source.kind}-{fingerprint(data_identity(cfg))}")
-
-
-def is_complete(url: str) -> bool:
-    fs, path = filesystem(url)
-    return fs.exists(join(path, COMPLETE))
-
-
-def load_manifest(url: str) -> dict[str, Any]:
-    fs, path = filesystem(url)
-    if not fs.exists(join(path, COMPLETE)):
-        raise PrepareError(f"dataset {url} is not complete: run `gss prepare` with the same data config first")
-    return read_json(fs, join(path, MANIFEST))
-
-
-def _read_bytes(url: str) -> bytes:
-    fs, path = filesystem(url)
-    if not fs.exists(path):
-        raise PrepareError(f"data.tokenizer.path {url!r} does not exist")
-    with fs.open(path, "rb") as f:
-        return f.read()
 
 
 def _unit_name(split: str, index: int) -> str:
@@ -133,10 +52,6 @@ def _unit_name(split: str, index: int) -> str:
 
 def _tail_name(index: int) -> str:
     return f"_work/tails/unit-{index:05d}.parquet"
-
-
-def _shard_name(split: str, index: int) -> str:
-    return f"{split}/shard-{index:05d}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -174,8 +89,7 @@ def prepare(cfg: RunConfig, on_item: ItemCallback | None = None) -> dict[str, An
         fs=fs,
         task=dict(
             fn=_TokenizeUnits,
-            fn_constructor_kwargs={"source": to_dict(src), "model_bytes": model_bytes, "out_url": out_url,
-                                   "pack": to_dict(cfg.data.pack)},
+            fn_constructor_kwargs={"source": to_dict(src), "out_url": out_url, "pack": to_dict(cfg.data.pack)},
             compute=ray.data.ActorPoolStrategy(size=num_actors),
         ),
         on_item=on_item,
@@ -196,7 +110,7 @@ def prepare(cfg: RunConfig, on_item: ItemCallback | None = None) -> dict[str, An
     tail_shard = _pack_tails(fs, out, by_split["train"], cfg.data.pack.seq_len) if "train" in by_split else None
     stage_seconds["tails"] = time.perf_counter() - started - sum(stage_seconds.values())
 
-    manifest = _manifest(cfg, model_bytes, by_split, tail_shard)
+    manifest = build_manifest(cfg, model_bytes, by_split, tail_shard)
     write_json_atomic(fs, join(out, MANIFEST), manifest)
     write_bytes_atomic(fs, join(out, COMPLETE), b"")
     fs.rm(join(out, "_work"), recursive=True)
@@ -227,11 +141,14 @@ def _run_items(items: list[dict], done, fs, task: dict, on_item: ItemCallback | 
     if pending:
         ds = ray.data.from_items([{"item": json.dumps(i)} for i in pending], override_num_blocks=len(pending))
         ds = ds.map_batches(batch_size=1, **task)
-        for row in ds.iter_rows():  # streams: each result arrives as soon as its item is written
-            result = json.loads(row["result"])
-            finished.append(result)
-            if on_item:
-                on_item(result)
+        with tqdm(total=len(items), initial=len(finished), desc="[prepare] tokenize", unit="unit",
+                  dynamic_ncols=True) as bar:
+            for row in ds.iter_rows():  # streams: each result arrives as soon as its item is written
+                result = json.loads(row["result"])
+                finished.append(result)
+                bar.update()
+                if on_item:
+                    on_item(result)
     return finished
 
 
@@ -246,7 +163,7 @@ def _ensure_tokenizer(cfg: RunConfig, fs, out: str, train_units: list[Unit], tra
             return f.read()
     tok = cfg.data.tokenizer
     if tok.path:
-        model_bytes = _read_bytes(tok.path)
+        model_bytes = given_tokenizer(tok.path)
     else:
         import ray
 
@@ -302,10 +219,11 @@ def _sample_documents(batch: dict, source: dict, fraction: float, seed: int) -> 
 class _TokenizeUnits:
     """A Ray Data actor: holds the SentencePiece processor, turns each unit into a finished shard."""
 
-    def __init__(self, source: dict, model_bytes: bytes, out_url: str, pack: dict):
+    def __init__(self, source: dict, out_url: str, pack: dict):
         self.cfg = _source_config(source)
-        self.tokenizer = Tokenizer(model_bytes)
         self.fs, self.out = filesystem(out_url)
+        # read here, not passed in: constructor arguments that large would go through the object store
+        self.tokenizer = Tokenizer(self.fs.cat_file(join(self.out, TOKENIZER)))
         self.seq_len, self.piece_tokens = pack["seq_len"], pack["eval_piece_tokens"]
 
     def __call__(self, batch: dict) -> dict:
@@ -332,63 +250,17 @@ class _TokenizeUnits:
             stream = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
             starts = np.cumsum([0] + [len(a) for a in arrays[:-1]]) if arrays else np.zeros(0, np.int64)
             full = len(stream) // self.seq_len * self.seq_len
-            table = _train_rows(stream[:full], starts[starts < full], self.seq_len)
-            tail = _train_rows(stream[full:], starts[starts >= full] - full, self.seq_len)
-            write_bytes_atomic(self.fs, join(self.out, _tail_name(unit["index"])), _parquet_bytes(tail, "none"))
+            table = train_rows_table(stream[:full], starts[starts < full], self.seq_len)
+            tail = train_rows_table(stream[full:], starts[starts >= full] - full, self.seq_len)
+            write_bytes_atomic(self.fs, join(self.out, _tail_name(unit["index"])), parquet_bytes(tail, "none"))
         else:
             words = [len(d.text.split()) for d in read.documents]
             result["words"] = sum(words)
-            table = _eval_rows(arrays, [d.source for d in read.documents], words, n_bytes, self.piece_tokens)
+            table = eval_rows_table(arrays, [d.source for d in read.documents], words, n_bytes, self.piece_tokens)
         if table.num_rows:
-            result["shard"] = _write_shard(self.fs, self.out, split, unit["index"], table)
+            result["shard"] = write_shard(self.fs, self.out, split, unit["index"], table)
         write_json_atomic(self.fs, join(self.out, _unit_name(split, unit["index"]) + ".json"), result)  # last
         return result
-
-
-def _parquet_bytes(table: pa.Table, compression: str = "zstd") -> bytes:
-    buf = io.BytesIO()
-    # token ids barely gain from Parquet dictionaries over zstd alone, and they cost a third of the write time
-    pq.write_table(table, buf, compression=compression, use_dictionary=False)
-    return buf.getvalue()
-
-
-def _write_shard(fs, out: str, split: str, index: int, table: pa.Table) -> dict:
-    data = _parquet_bytes(table)
-    name = _shard_name(split, index) + ".parquet"
-    write_bytes_atomic(fs, join(out, name), data)
-    tokens = int(pc.sum(pc.list_value_length(table["tokens"])).as_py() or 0)
-    return {"file": name, "rows": table.num_rows, "tokens": tokens, "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def _train_rows(stream: np.ndarray, doc_starts: np.ndarray, seq_len: int) -> pa.Table:
-    """`stream` cut into rows of seq_len (the last may be shorter); doc_starts: offsets of documents in it."""
-    row_bounds = np.append(np.arange(0, len(stream), seq_len), len(stream))
-    cuts = np.searchsorted(doc_starts, row_bounds)
-    return pa.table({
-        "tokens": pa.ListArray.from_arrays(pa.array(row_bounds, pa.int32()), pa.array(stream, pa.int32())),
-        "doc_starts": pa.ListArray.from_arrays(
-            pa.array(cuts, pa.int32()),
-            pa.array(doc_starts - np.repeat(row_bounds[:-1], np.diff(cuts)), pa.int32())),
-    })
-
-
-def _eval_rows(arrays: list[np.ndarray], sources: list[str], words: list[int], n_bytes: list[int],
-               piece_tokens: int) -> pa.Table:
-    rows: dict[str, list] = {k: [] for k in ("doc", "piece", "n_pieces", "tokens", "source", "n_words", "n_bytes")}
-    for i, tokens in enumerate(arrays):
-        n_pieces = max(1, -(-len(tokens) // piece_tokens))
-        for p in range(n_pieces):
-            rows["doc"].append(i)
-            rows["piece"].append(p)
-            rows["n_pieces"].append(n_pieces)
-            rows["tokens"].append(tokens[p * piece_tokens: (p + 1) * piece_tokens])
-            rows["source"].append(sources[i])
-            rows["n_words"].append(words[i])
-            rows["n_bytes"].append(n_bytes[i])
-    schema = pa.schema([("doc", pa.int64()), ("piece", pa.int32()), ("n_pieces", pa.int32()),
-                        ("tokens", pa.list_(pa.int32())), ("source", pa.string()),
-                        ("n_words", pa.int64()), ("n_bytes", pa.int64())])
-    return pa.table(rows, schema=schema)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -408,43 +280,8 @@ def _pack_tails(fs, out: str, units: list[dict], seq_len: int) -> dict | None:
             offset += len(tokens)
     if not offset:
         return None
-    table = _train_rows(np.concatenate(streams), np.concatenate(starts), seq_len)
-    return _write_shard(fs, out, "train", len(units), table)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Manifest
-
-
-def _manifest(cfg: RunConfig, model_bytes: bytes, units: dict[str, list[dict]], tail_shard: dict | None) -> dict:
-    tok = Tokenizer(model_bytes)
-    splits = {}
-    for split, results in units.items():
-        skips = [s for r in results for s in r["skips"]]
-        shards = [r["shard"] for r in results if r["shard"]] + ([tail_shard] if split == "train" and tail_shard else [])
-        splits[split] = {
-            "documents": sum(r["documents"] for r in results),
-            "tokens": sum(r["tokens"] for r in results),
-            "words": sum(r["words"] for r in results),
-            "bytes": sum(r["bytes"] for r in results),
-            "rows": sum(s["rows"] for s in shards),
-            "filtered": sum(r["filtered"] for r in results),
-            "skipped": len(skips),
-            "skip_reasons": dict(sorted(Counter(s["reason"].split(":")[0] for s in skips).items())),
-            "skips": skips,
-            "shards": shards,
-        }
-        if split == "train":  # how unit k's stream was split: shard k's rows, then these many tokens of the tails
-            splits[split]["unit_tail_tokens"] = [r["tokens"] - (r["shard"] or {"tokens": 0})["tokens"] for r in results]
-    return {
-        "format_version": FORMAT_VERSION,
-        "data": _resolved_data(cfg),
-        "identity": data_identity(cfg),
-        "tokenizer": {"file": TOKENIZER, "sha256": tokenizer_hash(model_bytes), "vocab_size": tok.vocab_size,
-                      "eod_id": tok.eod_id},
-        "seq_len": cfg.data.pack.seq_len,
-        "splits": splits,
-    }
+    table = train_rows_table(np.concatenate(streams), np.concatenate(starts), seq_len)
+    return write_shard(fs, out, "train", len(units), table)
 
 
 def prepare_stage(cfg: RunConfig, on_item: ItemCallback | None = None) -> dict[str, Any]:
@@ -452,12 +289,13 @@ def prepare_stage(cfg: RunConfig, on_item: ItemCallback | None = None) -> dict[s
     import mlflow
 
     from pipeline import tracking
+    from pipeline.tracking import Tag
 
-    with tracking.stage_run(cfg, "prepare", **{"gss.dataset": dataset_dir(cfg)}):
-        tracking.log_params({"data": _resolved_data(cfg)})
+    with tracking.stage_run(cfg, "prepare", {Tag.DATASET: dataset_dir(cfg)}):
+        tracking.log_params({"data": resolved_data_config(cfg)})
         manifest = prepare(cfg, on_item)
         stats = manifest["stats"]
-        mlflow.set_tags({"gss.tokenizer_sha256": manifest["tokenizer"]["sha256"], "gss.skipped": stats["skipped"]})
+        mlflow.set_tags({Tag.TOKENIZER_SHA256: manifest["tokenizer"]["sha256"], Tag.SKIPPED: stats["skipped"]})
         metrics = {k: v for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         metrics.update({f"seconds.{k}": v for k, v in stats.get("stage_seconds", {}).items()})
         for split, counts in manifest["splits"].items():
@@ -479,7 +317,7 @@ def prepare_stage(cfg: RunConfig, on_item: ItemCallback | None = None) -> dict[s
 def summary(manifest: dict) -> str:
     """A few lines for the terminal at the end of the job."""
     stats = manifest.get("stats", {})
-    lines = [f"dataset {stats.get('dataset', '')}" + ("  (already complete: nothing to do)" if stats.get("skipped") else "")]
+    lines = [f"[prepare] dataset {stats.get('dataset', '')}" + ("  (already complete: nothing to do)" if stats.get("skipped") else "")]
     for split, s in manifest["splits"].items():
         lines.append(
             f"  {split:<10} {s['documents']:>8,} docs {s['tokens']:>13,} tokens {len(s['shards']):>4} shards"

@@ -1,4 +1,6 @@
-"""MLflow for every stage: where the store is, one run per stage, nested under a parent when there is one."""
+"""MLflow for every stage: where the store is, one run per stage (nested under a parent when there is one),
+and the names the stages use to find each other's results there: the `gss.*` tags, the registered model
+name and its alias."""
 
 from __future__ import annotations
 
@@ -16,6 +18,53 @@ from pipeline.storage import filesystem, join
 # The user's $MLFLOW_TRACKING_URI, read once: mlflow.set_tracking_uri() writes that variable itself, so a
 # later read would see the store of whichever config ran last in this process.
 _USER_URI = os.environ.get("MLFLOW_TRACKING_URI", "")
+
+
+class Tag:
+    """The `gss.*` tags on MLflow runs (and on registered model versions where marked)."""
+
+    STAGE = "gss.stage"  # prepare | train | eval
+    RUN_NAME = "gss.run_name"  # the config's `name` (runs and model versions)
+    PIPELINE = "gss.pipeline"  # a `gss run` parent run: its name, to find it again after an interruption
+    TRAIN_NAME = "gss.train_name"  # a training run: its name, the same run across restarts and re-runs
+    MODEL_DATA = "gss.model_data"  # a training run: fingerprint of (model config, dataset); a reused name must match
+    DATASET = "gss.dataset"  # the dataset folder (runs and model versions)
+    TOKENIZER_SHA256 = "gss.tokenizer_sha256"  # prepare runs and model versions
+    ARCH = "gss.arch"  # train and eval runs
+    CHECKPOINT = "gss.checkpoint"  # a training run: its final checkpoint folder
+    MODEL_URI = "gss.model_uri"  # train: the registered model; eval: the model version scored
+    SKIPPED = "gss.skipped"  # prepare: the dataset was complete already
+    MAX_DOCUMENTS = "gss.max_documents"  # eval: how many documents per split were scored (0: all)
+    EVAL_DONE = "gss.eval_done"  # eval: the split:length pairs covered, set as the run's last act
+    XLA_FALLBACKS = "gss.xla_fallbacks"  # training on XLA: ops that ran on the host, with counts
+
+
+ALIAS = "current"  # the alias `gss train` moves to each newly registered version (`latest` is reserved)
+
+
+def tag_is(key: str, value: str) -> str:
+    """An MLflow search filter on a tag."""
+    return f"tags.`{key}` = '{value}'"
+
+
+def registered_name(cfg: RunConfig) -> str:
+    """The registered model a run's training produces."""
+    return cfg.train.register_as or f"gss-{cfg.name}"
+
+
+def default_model_uri(cfg: RunConfig) -> str:
+    """`eval.model`, else the run's registered model at its alias."""
+    return cfg.eval.model or f"models:/{registered_name(cfg)}@{ALIAS}"
+
+
+def resolve_model_uri(ref: str) -> str:
+    """models:/name@alias -> models:/name/<version>, so results are recorded against a fixed version."""
+    if ref.startswith("models:/") and "@" in ref:
+        from mlflow import MlflowClient
+
+        name, _, alias = ref.removeprefix("models:/").partition("@")
+        return f"models:/{name}/{MlflowClient().get_model_version_by_alias(name, alias).version}"
+    return ref
 
 
 def tracking_uri(cfg: RunConfig) -> str:
@@ -63,7 +112,7 @@ def setup(cfg: RunConfig) -> str:
 
 
 @contextlib.contextmanager
-def stage_run(cfg: RunConfig, stage: str, **tags: str) -> Iterator[Any]:
+def stage_run(cfg: RunConfig, stage: str, tags: dict[str, str]) -> Iterator[Any]:
     """An MLflow run for one stage, nested under the active run (the `gss run` parent) if there is one."""
     import mlflow
 
@@ -73,7 +122,7 @@ def stage_run(cfg: RunConfig, stage: str, **tags: str) -> Iterator[Any]:
         experiment_id=experiment_id,
         run_name=f"{cfg.name}/{stage}",
         nested=parent is not None,
-        tags={"gss.stage": stage, "gss.run_name": cfg.name, **tags},
+        tags={Tag.STAGE: stage, Tag.RUN_NAME: cfg.name, **tags},
     ) as run:
         yield run
 

@@ -12,6 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from .tiny import TINY
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 
 WORDS = ["the", "of", "and", "to", "in", "a", "is", "that", "was", "he", "for", "it", "with", "as", "his", "on", "be", "at", "by", "had", "not", "are", "but", "from", "or", "have", "an", "they", "which", "one", "you", "were", "her", "all", "she", "there", "would", "their", "we", "him", "been", "has", "when", "who", "will", "more", "no", "if", "out", "so", "said", "what", "up", "its", "about", "into", "than", "them", "can", "only", "other", "new", "some", "could", "time", "these", "two", "may", "then", "do", "first", "any", "my", "now", "such", "like", "our", "over", "man", "me", "even", "most", "made", "after", "also", "did", "many", "before", "must", "through", "back", "years", "where", "much", "your", "way", "well", "down", "should", "because", "each", "just", "those", "people", "how", "too", "little", "state", "good", "very", "make", "world", "still", "own", "see", "men", "work", "long", "get", "here", "between", "both", "life", "being", "under", "never", "day", "same", "another", "know", "while", "last", "might", "us", "great", "old", "year", "off", "come", "since", "against", "go", "came", "right", "used", "take", "three"]
@@ -61,7 +63,9 @@ def shared_corpus(name: str) -> Path:
     return path
 
 
-TINY_MODEL = {"d_model": 32, "n_layers": 2, "d_gate": 64, "d_ssm": 16, "state_size": 8}
+# The tiny model's size as `train.model` overrides; the rest (vocabulary, heads, chunks) comes from the
+# tokenizer and the preset of the run config.
+TINY_MODEL = {key: TINY[key] for key in ("d_model", "n_layers", "d_gate", "d_ssm", "state_size")}
 
 
 def run_config(root: Path, corpus: Path, name: str, **train) -> dict:

@@ -5,10 +5,11 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from models import ModelConfig, build_model
+from models import build_model, next_token_loss
 from pipeline.evaluate import metrics_at_length, score_documents
+
+from .tiny import TINY, tiny_config
 
 EOD = 2
 
@@ -21,18 +22,17 @@ def reference_nll(model, docs: list[np.ndarray], length: int) -> np.ndarray:
         for start in range(0, len(tokens), length):
             x = torch.as_tensor(inputs[None, start: start + length])
             y = torch.as_tensor(tokens[None, start: start + length])
-            out[d] += F.cross_entropy(model(x)[0], y[0], reduction="sum").item()
+            logits, _ = model(x)
+            out[d] += next_token_loss(logits, y, reduction="sum").item()
     return out
 
 
 @pytest.mark.parametrize("arch", ["gss", "dss", "transformer", "hybrid"])
 def test_pieces_with_carried_state_equal_whole_windows(arch):
     torch.manual_seed(0)
-    cfg = ModelConfig(arch=arch, vocab_size=50, d_model=32, n_layers=2, d_gate=64, d_ssm=16, state_size=8,
-                      n_heads=4, attn_chunk=16, attn_every=2)
-    model = build_model(cfg).eval()
+    model = build_model(tiny_config(arch)).eval()
     rng = np.random.default_rng(0)
-    docs = [rng.integers(3, 50, n).astype(np.int64) for n in (70, 33, 64, 5)]
+    docs = [rng.integers(3, TINY["vocab_size"], n).astype(np.int64) for n in (70, 33, 64, 5)]
     for length in (16, 40, 1000):
         expected = reference_nll(model, docs, length)
         got = score_documents(model, docs, length, EOD, piece_tokens=7, batch_size=3, device=torch.device("cpu"))

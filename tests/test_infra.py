@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import re
 import types
@@ -109,11 +108,9 @@ def named(scan) -> dict[str, set[str]]:
 
 @pytest.fixture(scope="module")
 def cli_commands() -> set[str]:
-    from jobs.cli import build_parser
+    from jobs.cli import command_names
 
-    actions = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
-    assert len(actions) == 1
-    return set(actions[0].choices)
+    return set(command_names())
 
 
 def _pyproject() -> dict:

@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
-from pipeline.data import eval_documents
-from pipeline.prepare import COMPLETE, MANIFEST, PrepareError, dataset_dir, load_manifest, prepare, prepare_stage
+from pipeline.dataset import COMPLETE, MANIFEST, DatasetError, dataset_dir, eval_documents, load_manifest
+from pipeline.prepare import PrepareError, prepare, prepare_stage
 from pipeline.tokenizer import Tokenizer
 from tests.corpus import shared_corpus, write_arxiv, write_pg19
 
@@ -150,7 +150,7 @@ def test_no_usable_documents_is_an_error_and_not_complete(ray_cluster, tmp_path)
         (corpus / split).mkdir(parents=True)
         (corpus / split / "1.txt").write_bytes(b"\x00\x01binary")
     cfg = config(tmp_path / "out", corpus, "data.tokenizer.path=unused")
-    with pytest.raises(PrepareError, match="does not exist"):
+    with pytest.raises(DatasetError, match="does not exist"):
         prepare(cfg)
     cfg = config(tmp_path / "out", corpus)
     with pytest.raises(PrepareError, match="no training text"):

@@ -4,7 +4,6 @@ import gzip
 import io
 import json
 import uuid
-from pathlib import Path
 
 import fsspec
 import pyarrow as pa
@@ -12,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from pipeline.config import ConfigError, SourceConfig, load_config
+from pipeline.config import SourceConfig, load_config
 from pipeline.sources import SourceError, in_sample, plan_units, read_unit, split_files
 
 
@@ -141,29 +140,8 @@ def test_sampling_is_deterministic_and_about_the_fraction():
     assert picked != [in_sample(f"doc{i}", 0.25, seed=2) for i in range(4000)]
 
 
-def test_config_overrides_and_unknown_keys(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text("name: x\ndata:\n  pack:\n    seq_len: 512\n")
-    cfg = load_config(path, ["data.pack.seq_len=1024", "data.source.languages=[Python, C]", "root=/r"])
-    assert (cfg.name, cfg.root, cfg.data.pack.seq_len, cfg.data.source.languages) == ("x", "/r", 1024, ["Python", "C"])
-    with pytest.raises(ConfigError, match="unknown config key 'data.pack.seqlen'.*did you mean 'seq_len'"):
-        load_config(path, ["data.pack.seqlen=3"])
-    with pytest.raises(ConfigError, match="data.pack.seq_len: expected int"):
-        load_config(path, ["data.pack.seq_len=long"])
-    with pytest.raises(ConfigError, match="not found"):
-        load_config(tmp_path / "missing.yaml")
-
-
-def test_every_shipped_config_loads():
-    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
-    assert configs
-    for path in configs:
-        cfg = load_config(path)
-        assert cfg.name and cfg.data.source.path, path
-
-
 def test_dataset_identity_counts_only_settings_that_differ_from_defaults(tmp_path):
-    from pipeline.prepare import data_identity, dataset_dir
+    from pipeline.dataset import data_identity, dataset_dir
 
     base = [f"root={tmp_path}", "data.source.path=/corpus"]
     identity = data_identity(load_config(None, base))

@@ -1,15 +1,19 @@
-"""The three ways of applying the DSS kernel, and the recurrence, agree with the O(L^2) reference."""
+"""Every way of applying the DSS layer agrees with the two references: the O(L^2) convolution
+(conv_direct) and the token-by-token recurrence (scan_ref)."""
 
 import pytest
 import torch
 
-from models.ssm import DiagonalSSM, conv_direct, conv_fft, scan_chunked
+from models import build_model
+from models.ssm import DiagonalSSM, conv_direct, conv_fft, scan_chunked, scan_ref
+
+from .tiny import tiny_config
 
 
 def make_ssm(channels=6, state_size=12, chunk=8) -> DiagonalSSM:
     ssm = DiagonalSSM(channels, state_size, kernel="chunked", chunk_size=chunk)
     with torch.no_grad():  # keep slow modes that reach across many chunks in the test
-        ssm.log_neg_real.uniform_(-6.0, 0.5)
+        ssm.Lambda_re.uniform_(-6.0, 0.5)
     return ssm
 
 
@@ -17,23 +21,35 @@ def make_ssm(channels=6, state_size=12, chunk=8) -> DiagonalSSM:
 def test_kernels_match_reference_float32(length):
     ssm = make_ssm()
     u = torch.randn(3, length, 6)
-    kernel = ssm.kernel(length)
-    w_re, w_im, a, b = ssm.modes()
-    reference = conv_direct(u, kernel, ssm.skip)
-    fft = conv_fft(u, kernel, ssm.skip)
-    chunked, _ = scan_chunked(u, w_re, w_im, a, b, ssm.skip, ssm.chunk_size)
+    W, Lambda = ssm.modes()
+    reference = conv_direct(u, ssm.kernel(length), ssm.D)
+    fft = conv_fft(u, ssm.kernel(length), ssm.D)
+    chunked, _ = scan_chunked(u, W, Lambda, ssm.D, chunk_size=ssm.chunk_size)
+    recurrent, _ = scan_ref(u, W, Lambda, ssm.D)
     scale = reference.abs().max()
-    torch.testing.assert_close(fft / scale, reference / scale, atol=2e-6, rtol=0)
-    torch.testing.assert_close(chunked / scale, reference / scale, atol=2e-6, rtol=0)
+    for y in (fft, chunked, recurrent):
+        torch.testing.assert_close(y / scale, reference / scale, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("length", [1, 5, 8, 16, 21, 40])  # on and off multiples of the chunk (8)
+def test_chunked_scan_matches_the_recurrence_from_any_state(length):
+    ssm = make_ssm().double()
+    W, Lambda = ssm.modes()
+    u = torch.randn(2, length, 6, dtype=torch.float64)
+    start = torch.randn(2, 2, 6, 12, dtype=torch.float64)  # [re/im, B, H, N]
+    expected, expected_state = scan_ref(u, W, Lambda, ssm.D, start)
+    y, state = scan_chunked(u, W, Lambda, ssm.D, start, chunk_size=8)
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(state, expected_state)
 
 
 def test_kernel_is_the_dss_formula():
     """K[h, l] = Re(sum_n C[h, n] (exp(Lambda_n) - 1) / Lambda_n exp(Lambda_n l)), in complex128."""
     ssm = make_ssm().double()
-    lam = -torch.exp(ssm.log_neg_real) + 1j * torch.exp(ssm.log_imag)
-    c = ssm.c_re + 1j * ssm.c_im
+    Lambda = -torch.exp(ssm.Lambda_re) + 1j * torch.exp(ssm.Lambda_im)
+    C = ssm.C_re + 1j * ssm.C_im
     l = torch.arange(30, dtype=torch.float64)
-    expected = ((c * (torch.exp(lam) - 1) / lam) @ torch.exp(lam[:, None] * l[None, :])).real
+    expected = ((C * (torch.exp(Lambda) - 1) / Lambda) @ torch.exp(Lambda[:, None] * l[None, :])).real
     torch.testing.assert_close(ssm.kernel(30), expected)
 
 
@@ -84,14 +100,14 @@ def test_float32_stays_accurate_at_long_lengths():
     within 1e-4 of a float64 evaluation."""
     ssm = DiagonalSSM(4, 64, chunk_size=128)
     with torch.no_grad():
-        ssm.log_neg_real.uniform_(-9.0, 0.0)
+        ssm.Lambda_re.uniform_(-9.0, 0.0)
     exact = DiagonalSSM(4, 64).double()
     exact.load_state_dict(ssm.state_dict())
     u = torch.randn(1, 16384, 4)
-    reference = conv_fft(u.double(), exact.kernel(16384), exact.skip)
-    w_re, w_im, a, b = ssm.modes()
-    fft = conv_fft(u, ssm.kernel(16384), ssm.skip)
-    chunked, _ = scan_chunked(u, w_re, w_im, a, b, ssm.skip, ssm.chunk_size)
+    reference = conv_fft(u.double(), exact.kernel(16384), exact.D)
+    W, Lambda = ssm.modes()
+    fft = conv_fft(u, ssm.kernel(16384), ssm.D)
+    chunked, _ = scan_chunked(u, W, Lambda, ssm.D, chunk_size=ssm.chunk_size)
     scale = reference.abs().max()
     for y in (fft, chunked):
         assert ((y.double() - reference).abs().max() / scale) < 1e-4
@@ -105,3 +121,18 @@ def test_initial_memory_is_bounded_by_max_memory():
         assert late < 1e-2 * kernel[:, :4].max(), max_memory
     assert DiagonalSSM(8, 64, max_memory=16.0).kernel(512)[:, 128:].abs().max() < DiagonalSSM(
         8, 64, max_memory=1000.0).kernel(512)[:, 128:].abs().max()
+
+
+def test_ssm_parameters_and_only_they_are_exempt_from_weight_decay():
+    model = build_model(tiny_config("dss"))
+    ssm_params = {id(p) for m in model.modules() if isinstance(m, DiagonalSSM) for p in m.parameters()}
+    assert len(ssm_params) == 5 * model.cfg.n_layers  # Lambda_re, Lambda_im, C_re, C_im, D
+    for name, p in model.named_parameters():
+        assert getattr(p, "_no_weight_decay", False) == (id(p) in ssm_params), name
+    # .to() onto another tensor type (an XLA device) replaces every Parameter: the flag must survive it
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        model.double()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
+    assert all(p._no_weight_decay for m in model.modules() if isinstance(m, DiagonalSSM) for p in m.parameters())

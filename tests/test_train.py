@@ -9,11 +9,13 @@ import time
 import numpy as np
 import pytest
 
+from models import build_model
 from pipeline.config import TrainConfig, load_config
-from pipeline.data import TrainRows
-from pipeline.prepare import dataset_dir, prepare
-from pipeline.train import TrainingError, batch_layout, learning_rate, train_stage
+from pipeline.dataset import TrainRows, dataset_dir
+from pipeline.prepare import prepare
+from pipeline.train import TrainingError, learning_rate, make_optimizer, train_stage
 from tests.corpus import as_overrides, run_config, write_pg19
+from tests.tiny import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +27,21 @@ def corpus(tmp_path_factory, ray_cluster):
     return root
 
 
-def test_schedule_and_batch_layout():
+def test_schedule():
     tc = TrainConfig(lr=1.0, warmup_steps=10, steps=110, min_lr_ratio=0.1)
     assert learning_rate(0, tc) == pytest.approx(0.1) and learning_rate(9, tc) == pytest.approx(1.0)
     assert learning_rate(60, tc) == pytest.approx(0.55) and learning_rate(110, tc) == pytest.approx(0.1)
-    assert batch_layout(TrainConfig(global_batch_tokens=4096, num_workers=2, micro_batch=4), 128) == (32, 4)
-    with pytest.raises(TrainingError, match="multiple of num_workers × micro_batch = 8 rows"):
-        batch_layout(TrainConfig(global_batch_tokens=1000, num_workers=2, micro_batch=4), 64)
+
+
+@pytest.mark.parametrize("arch", ["gss", "dss", "hybrid"])
+def test_the_ssm_parameters_and_vectors_get_no_weight_decay(arch):
+    model = build_model(tiny_config(arch))
+    decay, no_decay = (group["params"] for group in make_optimizer(model, TrainConfig(weight_decay=0.1)).param_groups)
+    names = {id(p): name for name, p in model.named_parameters()}
+    ssm = {name for name, _ in model.named_parameters() if ".ssm." in name}
+    assert ssm and ssm <= {names[id(p)] for p in no_decay}  # Λ, C and D, matrices or not
+    assert {names[id(p)] for p in decay} == {
+        name for name, p in model.named_parameters() if p.dim() >= 2 and name not in ssm}
 
 
 def test_row_order_is_seeded_resumable_and_covers_each_epoch_once(corpus):
@@ -87,14 +97,17 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_in_the_same_mlflow_run
     os.kill(int((run_dir / "workers" / "rank-1.pid").read_text()), signal.SIGKILL)
     output, _ = job.communicate(timeout=300)
     assert job.returncode == 0, output[-3000:]
-    assert "resumed from" in output, output[-5000:]
+    assert "[train] resumed from the checkpoint at step" in output, output[-5000:]
 
     mlflow.set_tracking_uri(f"sqlite:///{corpus / 'out' / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["gss"], filter_string="tags.`gss.train_name` = 'fault'",
                               output_format="list")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "loss")]
+    client = mlflow.MlflowClient()
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
     assert max(steps) == 300
+    resumed = [m.step for m in client.get_metric_history(runs[0].info.run_id, "resumed_at_step")]
+    assert resumed and resumed[0] % 20 == 0  # from a checkpoint
 
 
 def test_a_diverging_loss_stops_with_a_clear_error(corpus):

@@ -1,0 +1,303 @@
+"""The dataset: what `gss prepare` hands to training and evaluation, and everything about it, in one place.
+
+A dataset lives in `<root>/datasets/<kind>-<fingerprint of the data config>/`:
+
+    tokenizer.model
+    train/shard-00000.parquet ...       rows of exactly seq_len tokens: tokens, doc_starts (offsets in the row
+                                        where a document begins). Shard k holds work unit k's documents (see
+                                        `pipeline.sources`), each followed by the end-of-document id, cut into
+                                        rows; the last shard holds the units' leftover tails, cut the same way
+                                        (only its very last row may be shorter).
+    validation/shard-00000.parquet ...  one row per document piece: doc (its index in the shard), piece,
+    test/...                            n_pieces, tokens, source, n_words, n_bytes (of the whole document)
+    manifest.json                       resolved config, tokenizer hash, per-shard rows/tokens/sha256, counts, skips
+    _COMPLETE                           written last; its presence means everything above is final
+
+This module is the contract between the stages: the folder's identity (`data_identity`, `dataset_dir`), the
+rows' layout and the shard writer (used by `pipeline.prepare`), the manifest, and the readers (`TrainRows`,
+`eval_documents`, `eval_windows`, `read_tokenizer`) that `pipeline.train` and `pipeline.evaluate` use.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.config import DataConfig, RunConfig, fingerprint, to_dict
+from pipeline.storage import filesystem, join, read_json, write_bytes_atomic
+from pipeline.tokenizer import Tokenizer, tokenizer_hash
+
+MANIFEST = "manifest.json"
+COMPLETE = "_COMPLETE"
+TOKENIZER = "tokenizer.model"
+FORMAT_VERSION = 2  # 2: a shard per unit plus a tails shard
+
+
+class DatasetError(RuntimeError):
+    """A dataset that is missing or cannot be used; the message says what to do."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Identity: which folder a data config's dataset lives in
+
+
+def data_identity(cfg: RunConfig) -> dict[str, Any]:
+    """Everything that determines the dataset's bytes, and nothing that only changes how fast it is made.
+
+    Only settings that differ from their defaults count, so that a setting added later (with a default
+    that keeps the old behaviour) leaves existing datasets where they are. Changing a default's meaning
+    is a format change: bump FORMAT_VERSION.
+    """
+    data = _changed(to_dict(cfg.data), to_dict(DataConfig()))
+    data.pop("num_actors", None)
+    data.setdefault("source", {}).update(kind=cfg.data.source.kind, path=cfg.data.source.path)
+    data["source"].pop("storage_options", None)  # credentials do not change the data
+    if cfg.data.tokenizer.path:  # a given tokenizer is identified by its content, not its path
+        data["tokenizer"] = {"sha256": tokenizer_hash(given_tokenizer(cfg.data.tokenizer.path))}
+    data["format_version"] = FORMAT_VERSION
+    return data
+
+
+def _changed(value: dict[str, Any], default: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `value` that differ from `default`, recursively."""
+    out = {}
+    for key, item in value.items():
+        if isinstance(item, dict) and isinstance(default.get(key), dict):
+            if sub := _changed(item, default[key]):
+                out[key] = sub
+        elif key not in default or item != default[key]:
+            out[key] = item
+    return out
+
+
+def resolved_data_config(cfg: RunConfig) -> dict[str, Any]:
+    """The data config as run, for the record (the manifest, MLflow); credentials left out."""
+    data = to_dict(cfg.data)
+    data["source"].pop("storage_options")
+    return data
+
+
+def dataset_dir(cfg: RunConfig) -> str:
+    return join(cfg.root, "datasets", f"{cfg.data.source.kind}-{fingerprint(data_identity(cfg))}")
+
+
+def given_tokenizer(url: str) -> bytes:
+    """The bytes of the SentencePiece model named by `data.tokenizer.path`."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        raise DatasetError(f"data.tokenizer.path {url!r} does not exist")
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layout and writer: the rows of each split
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}/shard-{index:05d}.parquet"
+
+
+def train_rows_table(stream: np.ndarray, doc_starts: np.ndarray, seq_len: int) -> pa.Table:
+    """`stream` cut into rows of seq_len (the last may be shorter); doc_starts: offsets of documents in it."""
+    row_bounds = np.append(np.arange(0, len(stream), seq_len), len(stream))
+    cuts = np.searchsorted(doc_starts, row_bounds)
+    return pa.table({
+        "tokens": pa.ListArray.from_arrays(pa.array(row_bounds, pa.int32()), pa.array(stream, pa.int32())),
+        "doc_starts": pa.ListArray.from_arrays(
+            pa.array(cuts, pa.int32()),
+            pa.array(doc_starts - np.repeat(row_bounds[:-1], np.diff(cuts)), pa.int32())),
+    })
+
+
+EVAL_SCHEMA = pa.schema([("doc", pa.int64()), ("piece", pa.int32()), ("n_pieces", pa.int32()),
+                         ("tokens", pa.list_(pa.int32())), ("source", pa.string()),
+                         ("n_words", pa.int64()), ("n_bytes", pa.int64())])
+
+
+def eval_rows_table(arrays: list[np.ndarray], sources: list[str], words: list[int], n_bytes: list[int],
+                    piece_tokens: int) -> pa.Table:
+    """One row per piece of at most `piece_tokens` of each document, with the whole document's counts."""
+    rows: dict[str, list] = {name: [] for name in EVAL_SCHEMA.names}
+    for i, tokens in enumerate(arrays):
+        n_pieces = max(1, -(-len(tokens) // piece_tokens))
+        for p in range(n_pieces):
+            for name, value in (("doc", i), ("piece", p), ("n_pieces", n_pieces), ("source", sources[i]),
+                                ("tokens", tokens[p * piece_tokens: (p + 1) * piece_tokens]),
+                                ("n_words", words[i]), ("n_bytes", n_bytes[i])):
+                rows[name].append(value)
+    return pa.table(rows, schema=EVAL_SCHEMA)
+
+
+def parquet_bytes(table: pa.Table, compression: str = "zstd") -> bytes:
+    buf = io.BytesIO()
+    # token ids barely gain from Parquet dictionaries over zstd alone, and they cost a third of the write time
+    pq.write_table(table, buf, compression=compression, use_dictionary=False)
+    return buf.getvalue()
+
+
+def write_shard(fs, out: str, split: str, index: int, table: pa.Table) -> dict[str, Any]:
+    """Write shard `index` of `split` atomically; returns its manifest entry."""
+    data = parquet_bytes(table)
+    name = shard_name(split, index)
+    write_bytes_atomic(fs, join(out, name), data)
+    tokens = int(pc.sum(pc.list_value_length(table["tokens"])).as_py() or 0)
+    return {"file": name, "rows": table.num_rows, "tokens": tokens, "sha256": hashlib.sha256(data).hexdigest()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Manifest
+
+
+def build_manifest(cfg: RunConfig, model_bytes: bytes, units: dict[str, list[dict]], tail_shard: dict | None) -> dict:
+    """The manifest from the per-unit results of `gss prepare` ({split: [unit result]}, in unit order)."""
+    tok = Tokenizer(model_bytes)
+    splits = {}
+    for split, results in units.items():
+        skips = [s for r in results for s in r["skips"]]
+        shards = [r["shard"] for r in results if r["shard"]] + ([tail_shard] if split == "train" and tail_shard else [])
+        splits[split] = {
+            "documents": sum(r["documents"] for r in results),
+            "tokens": sum(r["tokens"] for r in results),
+            "words": sum(r["words"] for r in results),
+            "bytes": sum(r["bytes"] for r in results),
+            "rows": sum(s["rows"] for s in shards),
+            "filtered": sum(r["filtered"] for r in results),
+            "skipped": len(skips),
+            "skip_reasons": dict(sorted(Counter(s["reason"].split(":")[0] for s in skips).items())),
+            "skips": skips,
+            "shards": shards,
+        }
+        if split == "train":  # how unit k's stream was split: shard k's rows, then these many tokens of the tails
+            splits[split]["unit_tail_tokens"] = [r["tokens"] - (r["shard"] or {"tokens": 0})["tokens"] for r in results]
+    return {
+        "format_version": FORMAT_VERSION,
+        "data": resolved_data_config(cfg),
+        "identity": data_identity(cfg),
+        "tokenizer": {"file": TOKENIZER, "sha256": tokenizer_hash(model_bytes), "vocab_size": tok.vocab_size,
+                      "eod_id": tok.eod_id},
+        "seq_len": cfg.data.pack.seq_len,
+        "splits": splits,
+    }
+
+
+def is_complete(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(join(path, COMPLETE))
+
+
+def load_manifest(url: str) -> dict[str, Any]:
+    fs, path = filesystem(url)
+    if not fs.exists(join(path, COMPLETE)):
+        raise DatasetError(f"dataset {url} is not complete: run `gss prepare` with the same data config first")
+    return read_json(fs, join(path, MANIFEST))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Readers
+
+
+def read_tokenizer(url: str) -> Tokenizer:
+    """The dataset's tokenizer (a clear error if the dataset is not complete)."""
+    load_manifest(url)
+    fs, path = filesystem(url)
+    return Tokenizer(fs.cat_file(join(path, TOKENIZER)))
+
+
+def _read_table(url: str, name: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path = filesystem(url)
+    with fs.open(join(path, name), "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+class TrainRows:
+    """Full rows (exactly seq_len tokens) of the training split, shuffled per epoch by shard and by row.
+
+    Each training worker reads the shards itself through fsspec (rather than through a Ray Data stream)
+    because a checkpoint must pin the exact position in the data: the order is a pure function of
+    (seed, position), so after a restart, on any number of workers, row `p` is the same row.
+    """
+
+    def __init__(self, dataset_url: str, seed: int = 0):
+        self.url = dataset_url
+        self.seed = seed
+        manifest = load_manifest(dataset_url)
+        self.seq_len: int = manifest["seq_len"]
+        shards = manifest["splits"]["train"]["shards"]
+        self.files = [s["file"] for s in shards]
+        self.sizes = [s["rows"] for s in shards]
+        if shards[-1]["tokens"] % self.seq_len:  # the split's very last row is short: not a training row
+            self.sizes[-1] -= 1
+        self.rows_per_epoch = sum(self.sizes)
+        if self.rows_per_epoch == 0:
+            raise DatasetError(f"{dataset_url}: no full training row of {self.seq_len} tokens; prepare more data")
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - a few small arrays, reused for every row of an epoch
+    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.files))
+        return order, np.cumsum([0] + [self.sizes[i] for i in order])
+
+    @functools.lru_cache(maxsize=4)  # noqa: B019
+    def _row_order(self, epoch: int, shard: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch, shard]).permutation(self.sizes[shard])
+
+    def _shard(self, index: int) -> np.ndarray:
+        if self._cache is None or self._cache[0] != index:
+            column = _read_table(self.url, self.files[index], ["tokens"])["tokens"].combine_chunks()
+            tokens = column.values.to_numpy()[: self.sizes[index] * self.seq_len]
+            self._cache = (index, tokens.reshape(self.sizes[index], self.seq_len))
+        return self._cache[1]
+
+    def rows(self, position: int, count: int) -> np.ndarray:
+        """Rows [position, position + count) of the endless seeded sequence, as int64 [count, seq_len]."""
+        out = []
+        for p in range(position, position + count):
+            epoch, offset = divmod(p, self.rows_per_epoch)
+            order, starts = self._epoch_order(epoch)
+            k = int(np.searchsorted(starts, offset, side="right")) - 1
+            shard = int(order[k])
+            out.append(self._shard(shard)[self._row_order(epoch, shard)[offset - starts[k]]])
+        return np.stack(out).astype(np.int64)
+
+
+def eval_documents(dataset_url: str, split: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """Documents of an evaluation split in corpus order, pieces joined: {doc, tokens (int64), n_words, n_bytes, source}."""
+    manifest = load_manifest(dataset_url)
+    docs: dict[tuple[int, int], dict[str, Any]] = {}  # (shard, doc in the shard)
+    for k, shard in enumerate(manifest["splits"][split]["shards"]):
+        table = _read_table(dataset_url, shard["file"]).to_pydict()
+        for i, doc in enumerate(table["doc"]):
+            if (k, doc) not in docs:
+                if limit is not None and len(docs) >= limit:
+                    break
+                docs[k, doc] = {"doc": len(docs), "pieces": [], "n_words": table["n_words"][i],
+                                "n_bytes": table["n_bytes"][i], "source": table["source"][i]}
+            docs[k, doc]["pieces"].append(table["tokens"][i])
+    out = []
+    for d in docs.values():
+        tokens = np.concatenate([np.asarray(p, dtype=np.int64) for p in d.pop("pieces")])
+        out.append({**d, "tokens": tokens})
+    return out
+
+
+def eval_windows(dataset_url: str, split: str, length: int, max_windows: int) -> np.ndarray:
+    """Up to `max_windows` windows of `length` tokens cut from the split's document stream, int64."""
+    stream, need = [], length * max_windows
+    for doc in eval_documents(dataset_url, split):
+        stream.append(doc["tokens"])
+        if sum(map(len, stream)) >= need:
+            break
+    tokens = np.concatenate(stream)
+    n = min(max_windows, len(tokens) // length)
+    if n == 0:
+        raise DatasetError(f"split {split!r} has fewer than {length} tokens; use a shorter length")
+    return tokens[: n * length].reshape(n, length)

@@ -1,0 +1,73 @@
+"""The terminal is for people: the stages, one progress bar each, the results and where to look.
+
+Everything the libraries say (Ray, Ray Data, Ray Train, MLflow and its database migrations, Python warnings)
+goes to `<root>/logs/gss.log` instead; errors also reach the terminal. Ray's own processes (the training
+workers and controller, Ray Data's actors) write to Ray's session folder, which the driver does not echo
+(`ray.init(log_to_driver=False)` in `pipeline.cluster`) and which `<root>/logs/ray` links to.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.storage import filesystem, join
+
+LIBRARIES = ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "alembic", "py.warnings", "urllib3",
+             "fsspec", "gcsfs", "google", "matplotlib")
+LOG_FILE = "gss.log"
+
+
+def log_folder(root: str) -> str:
+    """`<root>/logs` for a local root; a local cache folder for a bucket (log files are appended to)."""
+    fs, path = filesystem(root)
+    if isinstance(fs, LocalFileSystem):
+        return join(path, "logs")
+    return os.path.join(tempfile.gettempdir(), "gss-logs", path.replace("/", "_"))
+
+
+def route_library_logs(root: str) -> str:
+    """Send the libraries' logging to `<log folder>/gss.log` (errors to the terminal too); returns the file."""
+    import mlflow  # noqa: F401 - each configures its loggers on import: import first, then reconfigure
+    import ray.data  # noqa: F401
+    import ray.train  # noqa: F401
+
+    folder = log_folder(root)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOG_FILE)
+    to_file = logging.FileHandler(path)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    to_terminal = logging.StreamHandler(sys.stderr)
+    to_terminal.setLevel(logging.ERROR)
+    logging.captureWarnings(True)  # warnings.warn -> the py.warnings logger
+    for name in LIBRARIES:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.addHandler(to_file)
+        logger.addHandler(to_terminal)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    os.environ["GSS_LOG_FOLDER"] = folder  # for `pipeline.cluster` to link Ray's session logs here
+    return path
+
+
+def link_ray_session_logs() -> None:
+    """`<log folder>/ray` -> this Ray session's log folder (workers, controller, Ray Data), when routing is on."""
+    folder = os.environ.get("GSS_LOG_FOLDER")
+    if not folder:
+        return
+    import ray
+
+    node = ray._private.worker._global_node  # the driver's node: None when connected through Ray Client
+    if node is None:
+        return
+    link = os.path.join(folder, "ray")
+    if os.path.islink(link):
+        os.remove(link)
+    if not os.path.exists(link):
+        os.symlink(node.get_logs_dir_path(), link)
