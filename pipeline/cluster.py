@@ -22,7 +22,6 @@ def connect(cfg: RayConfig) -> None:
         if address:
             ray.init(address=address, **quiet)
         else:
-            # the dashboard serves the State API, which Ray Train v2's placement-group cleaner polls every second
             ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=cfg.dashboard, **quiet)
         link_ray_session_logs()
     context = ray.data.DataContext.get_current()

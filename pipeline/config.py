@@ -220,8 +220,10 @@ class RayConfig:
     """Empty: $RAY_ADDRESS, else start a local cluster."""
     num_cpus: NonNegative = 0
     """Local cluster only; 0 = all."""
-    dashboard: bool = False
-    """Local cluster only: start the dashboard (and its Jobs API, for `gss submit`)."""
+    dashboard: bool = True
+    """Local cluster only: start the dashboard on 127.0.0.1. It serves the State API that Ray Train v2's
+    placement-group cleaner polls every second (without it the cleaner cannot work and logs a warning each
+    second) and the Jobs API that `gss submit` uses."""
 
 
 @dataclass

@@ -8,10 +8,13 @@ workers and controller, Ray Data's actors) write to Ray's session folder, which 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 
 from fsspec.implementations.local import LocalFileSystem
 
@@ -44,16 +47,29 @@ def route_library_logs(root: str) -> str:
     to_terminal = logging.StreamHandler(sys.stderr)
     to_terminal.setLevel(logging.ERROR)
     logging.captureWarnings(True)  # warnings.warn -> the py.warnings logger
-    for name in LIBRARIES:
+    root = logging.getLogger()
+    root.addHandler(to_file)
+    root.addHandler(to_terminal)
+    for name in LIBRARIES:  # their own terminal handlers go; their records go up to the root's
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
-        logger.addHandler(to_file)
-        logger.addHandler(to_terminal)
         logger.setLevel(logging.INFO)
-        logger.propagate = False
+        logger.propagate = True
     os.environ["GSS_LOG_FOLDER"] = folder  # for `pipeline.cluster` to link Ray's session logs here
     return path
+
+
+@contextlib.contextmanager
+def printed_to_log(logger_name: str) -> Iterator[None]:
+    """What a library prints (rather than logs) inside the block goes to its logger, hence to the log file."""
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            yield
+    finally:
+        for line in (out.getvalue() + err.getvalue()).splitlines():
+            logging.getLogger(logger_name).info(line)
 
 
 def link_ray_session_logs() -> None:

@@ -28,6 +28,7 @@ from pipeline import checkpoint
 from pipeline.backends import Backend
 from pipeline.config import RunConfig, TrainConfig, batch_layout, fingerprint, from_dict, model_config, to_dict
 from pipeline.dataset import TrainRows, dataset_dir, eval_windows, load_manifest
+from pipeline.logs import printed_to_log
 from pipeline.storage import absolute, filesystem, join, read_json, write_bytes_atomic, write_json_atomic
 from pipeline.tracking import ALIAS, Tag, registered_name, tag_is
 
@@ -345,8 +346,10 @@ class TrainingProgress:
                 self.since_ms = restart.timestamp + 1
         if "tokens_seen" in metrics:
             self.bar.update(round(metrics["tokens_seen"] / self.tokens_per_step) - self.bar.n)
-            shown = {"loss": metrics["loss"], "val": metrics.get("val_loss"), "tok/s": metrics["tokens_per_second"]}
-            self.bar.set_postfix({k: f"{v:,.3g}" for k, v in shown.items() if v is not None}, refresh=True)
+            shown = {"loss": f"{metrics['loss']:.3f}", "tok/s": f"{metrics['tokens_per_second']:,.0f}"}
+            if "val_loss" in metrics:
+                shown["val"] = f"{metrics['val_loss']:.3f}"
+            self.bar.set_postfix(shown, refresh=True)
 
 
 def _find_or_create_run(client, experiment_id: str, cfg: RunConfig, model_cfg: ModelConfig, dataset: str):
@@ -388,7 +391,7 @@ def _register_model(client, run_id: str, final, model_cfg: ModelConfig, name: st
     model = build_model(model_cfg)
     with final.as_directory() as folder:
         model.load_state_dict(checkpoint.load(folder)["model"])
-    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None), printed_to_log("mlflow"):
         # pickle (the class comes from this package's `models`), not pt2, which needs a traced input
         info = mlflow.pytorch.log_model(model.eval(), name="model", registered_model_name=name,
                                         serialization_format="pickle", pip_requirements=["torch"])

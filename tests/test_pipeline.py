@@ -97,3 +97,29 @@ def test_generate_samples_from_the_registered_model(finished, capsys, tmp_path):
     elsewhere(tmp_path)
     main(["generate", *overrides, "--prompt", "The river", "--max-new-tokens", "12"])
     assert capsys.readouterr().out.startswith("The river")
+
+
+def test_the_console_shows_the_stages_and_the_libraries_talk_to_the_log_file(tmp_path):
+    """`gss run` as users run it (a fresh process, its own local Ray cluster): a few dozen lines at most."""
+    import os
+    import subprocess
+    import sys
+
+    write_pg19(tmp_path / "corpus", counts=(6, 1, 1), words=(1500, 3000))
+    tree = run_config(tmp_path / "out", tmp_path / "corpus", "quiet", steps=10, eval_every=10, checkpoint_every=10)
+    tree["eval"] = {"lengths": [64, 128], "piece_tokens": 64}
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    job = subprocess.run([sys.executable, "-m", "jobs.cli", "run", *as_overrides(tree)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    printed = job.stdout + job.stderr
+    assert job.returncode == 0, printed[-3000:]
+    lines = printed.splitlines()
+    assert len(lines) < 60, printed
+    for stage in ("[prepare] tokenize", "[prepare] dataset", "[train]", "[eval] test       L=    64", "logs:"):
+        assert stage in printed, stage
+    for chatter in ("INFO", "WARNING", "Traceback", "PlacementGroupCleaner", "Reporting training result",
+                    "Successfully registered model"):
+        assert chatter not in printed, chatter
+    log = (tmp_path / "out" / "logs" / "gss.log").read_text()
+    assert "Starting execution of Dataset" in log and "Successfully registered model 'gss-quiet'" in log
+    assert (tmp_path / "out" / "logs" / "ray").is_dir()  # the workers' logs: Ray's session folder
