@@ -23,6 +23,7 @@ from pipeline.storage import filesystem, join
 LIBRARIES = ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "alembic", "py.warnings", "urllib3",
              "fsspec", "gcsfs", "google", "matplotlib")
 LOG_FILE = "gss.log"
+_installed: list[logging.Handler] = []  # ours on the root logger: replaced, not stacked, when routed again
 
 
 def log_folder(root: str) -> str:
@@ -48,6 +49,10 @@ def route_library_logs(root: str) -> str:
     to_terminal.setLevel(logging.ERROR)
     logging.captureWarnings(True)  # warnings.warn -> the py.warnings logger
     root = logging.getLogger()
+    for handler in _installed:
+        root.removeHandler(handler)
+        handler.close()
+    _installed[:] = [to_file, to_terminal]
     root.addHandler(to_file)
     root.addHandler(to_terminal)
     for name in LIBRARIES:  # their own terminal handlers go; their records go up to the root's

@@ -92,11 +92,22 @@ def test_an_interrupted_eval_counts_for_nothing(finished):
     assert suite_todo(cfg, result["model_uri"]) == {"validation": [16], "test": [16]}
 
 
-def test_generate_samples_from_the_registered_model(finished, capsys, tmp_path):
-    overrides, _ = finished
+def test_generate_decodes_greedily_from_the_registered_model(finished, capsys, tmp_path):
+    import mlflow
+    import torch
+
+    from pipeline.dataset import dataset_dir, read_tokenizer
+
+    overrides, result = finished
     elsewhere(tmp_path)
-    main(["generate", *overrides, "--prompt", "The river", "--max-new-tokens", "12"])
-    assert capsys.readouterr().out.startswith("The river")
+    main(["generate", *overrides, "--prompt", "The river", "--max-new-tokens", "12", "--temperature", "0"])
+    printed = capsys.readouterr().out.rstrip("\n")
+    # the same continuation, computed here from the registered version and the dataset's tokenizer
+    model = mlflow.pytorch.load_model(result["model_uri"]).eval()
+    tokenizer = read_tokenizer(dataset_dir(load_config(None, overrides)))
+    prompt = [tokenizer.eod_id] + tokenizer.sp.encode("The river")
+    expected = tokenizer.decode(model.generate(torch.tensor([prompt]), 12, temperature=0)[0].tolist())
+    assert printed == expected and printed.startswith("The river") and len(printed) > len("The river")
 
 
 def test_the_console_shows_the_stages_and_the_libraries_talk_to_the_log_file(tmp_path):
