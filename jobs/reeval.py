@@ -14,6 +14,7 @@ from typing import Any
 
 from pipeline.config import RunConfig
 
+
 def reeval(cfg: RunConfig) -> list[dict[str, Any]]:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException

@@ -32,9 +32,20 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.config import RunConfig, to_dict
-from pipeline.dataset import (COMPLETE, MANIFEST, TOKENIZER, DatasetError, build_manifest, dataset_dir,
-                              eval_rows_table, given_tokenizer, parquet_bytes, resolved_data_config,
-                              train_rows_table, write_shard)
+from pipeline.dataset import (
+    COMPLETE,
+    MANIFEST,
+    TOKENIZER,
+    DatasetError,
+    build_manifest,
+    dataset_dir,
+    eval_rows_table,
+    given_tokenizer,
+    parquet_bytes,
+    resolved_data_config,
+    train_rows_table,
+    write_shard,
+)
 from pipeline.sources import Unit, in_sample, plan_units, read_unit, split_files
 from pipeline.storage import filesystem, join, read_json, write_bytes_atomic, write_json_atomic
 from pipeline.tokenizer import Tokenizer, train_tokenizer, training_pieces
@@ -95,18 +106,7 @@ def prepare(cfg: RunConfig, on_item: ItemCallback | None = None) -> dict[str, An
         on_item=on_item,
     )
     stage_seconds["tokenize_and_pack"] = time.perf_counter() - started - sum(stage_seconds.values())
-    by_split: dict[str, list[dict]] = {split: [] for split in units}
-    for r in unit_results:
-        by_split[r["split"]].append(r)
-    for split, results in by_split.items():
-        results.sort(key=lambda r: r["index"])
-        if not any(r["documents"] for r in results):
-            reasons = Counter(s["reason"].split(":")[0] for r in results for s in r["skips"])
-            raise PrepareError(
-                f"split {split!r} has no usable documents: {sum(r['filtered'] for r in results)} filtered out, "
-                f"{sum(reasons.values())} skipped ({dict(reasons) or 'none'}); check data.source "
-                "(path, splits, text_field, languages, licenses)"
-            )
+    by_split = _results_by_split(unit_results, list(units))
     tail_shard = _pack_tails(fs, out, by_split["train"], cfg.data.pack.seq_len) if "train" in by_split else None
     stage_seconds["tails"] = time.perf_counter() - started - sum(stage_seconds.values())
 
@@ -126,6 +126,23 @@ def prepare(cfg: RunConfig, on_item: ItemCallback | None = None) -> dict[str, An
         "tokens_per_second": tokens / seconds,
     }
     return {**manifest, "stats": stats}
+
+
+def _results_by_split(unit_results: list[dict], splits: list[str]) -> dict[str, list[dict]]:
+    """{split: its units' results in unit order}; a split without a single usable document is an error."""
+    by_split: dict[str, list[dict]] = {split: [] for split in splits}
+    for r in unit_results:
+        by_split[r["split"]].append(r)
+    for split, results in by_split.items():
+        results.sort(key=lambda r: r["index"])
+        if not any(r["documents"] for r in results):
+            reasons = Counter(s["reason"].split(":")[0] for r in results for s in r["skips"])
+            raise PrepareError(
+                f"split {split!r} has no usable documents: {sum(r['filtered'] for r in results)} filtered out, "
+                f"{sum(reasons.values())} skipped ({dict(reasons) or 'none'}); check data.source "
+                "(path, splits, text_field, languages, licenses)"
+            )
+    return by_split
 
 
 def _run_items(items: list[dict], done, fs, task: dict, on_item: ItemCallback | None) -> list[dict]:
