@@ -81,11 +81,9 @@ class Checkpointer:
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              metrics: dict[str, float]) -> None:
-        """At a checkpoint step, write the state and report it with `metrics`; otherwise nothing."""
+        """Write the state of `step` and report it to Ray Train with `metrics` (every rank calls it)."""
         import ray.train
 
-        if not self.should_save(step):
-            return
         with tempfile.TemporaryDirectory() as folder:
             if self.rank == 0:
                 save(folder, model, optimizer, step, self.model_config)

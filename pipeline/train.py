@@ -206,11 +206,13 @@ def train_loop(payload: dict[str, Any]) -> None:
             loss, grad_norm = train_step(model, optimizer, backend, batches(step), batches.accumulation, lr,
                                          tc.grad_clip)
             step += 1
-            if not (metrics.should_log(step) or validator.should_run(step) or checkpointer.should_save(step)):
+            save = checkpointer.should_save(step)  # once per step on every rank: ranks must agree
+            if not (save or metrics.should_log(step) or validator.should_run(step)):
                 continue  # values stay on the device between reports: no host sync per step (XLA, CUDA)
             val_loss = validator.validate(model) if validator.should_run(step) else None
             logged = metrics.log(step, lr, loss, grad_norm, val_loss)
-            checkpointer.save(step, model, optimizer, logged)
+            if save:
+                checkpointer.save(step, model, optimizer, logged)
     except Diverged as e:
         if rank == 0:  # Ray Train keeps only checkpointed metrics, so tell the driver through storage
             fs, path = filesystem(join(payload["run_dir"], DIVERGED))
