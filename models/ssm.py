@@ -49,6 +49,14 @@ def complex_mul(a: Complex, b: Complex) -> Complex:
     return a[0] * b[0] - a[1] * b[1], a[0] * b[1] + a[1] * b[0]
 
 
+def complex_mul_add(a: Complex, b: Complex, c: Complex) -> Complex:
+    """a * b + c, elementwise with broadcasting; fused multiply-adds make fewer full-size temporaries."""
+    return (
+        torch.addcmul(torch.addcmul(c[0], a[0], b[0]), a[1], b[1], value=-1),
+        torch.addcmul(torch.addcmul(c[1], a[0], b[1]), a[1], b[0]),
+    )
+
+
 def complex_powers(Lambda: Complex, exponents: Tensor) -> Complex:
     """exp(Lambda e) = lam ** e for each exponent e: each part [len(exponents), N]."""
     e = exponents.to(Lambda[0].dtype)[:, None]
@@ -139,7 +147,9 @@ def _scan_chunks(u: Tensor, W: Complex, Lambda: Complex, chunk: int, state: SSMS
     # 1. Inside each chunk: a [T, T] lower-triangular Toeplitz matmul per channel.
     K = dss_kernel(W, Lambda, chunk)  # [H, T]
     lag = torch.arange(chunk, device=u.device)[:, None] - torch.arange(chunk, device=u.device)[None, :]
-    toeplitz = K[:, lag.clamp(min=0)] * (lag >= 0).to(K.dtype)  # [H, T, T]
+    # index_select, not K[:, lag]: its backward is an index_add, far cheaper than index_put's.
+    toeplitz = K.index_select(1, lag.clamp(min=0).flatten()).view(channels, chunk, chunk)
+    toeplitz = toeplitz * (lag >= 0).to(K.dtype)  # [H, T, T]
     y = torch.einsum("hji,bcih->bcjh", toeplitz, u)
 
     # 2. The state each chunk leaves behind on its own: S_c = sum_j lam ** (T - 1 - j) u_{c, j}.
@@ -148,23 +158,42 @@ def _scan_chunks(u: Tensor, W: Complex, Lambda: Complex, chunk: int, state: SSMS
     local = torch.einsum("bcjh,jn->bchn", u, torch.cat(q, dim=1))  # [B, C, H, 2N]
     local_re, local_im = local.chunk(2, dim=-1)
 
-    # 3. Carry the state across chunks: x_c = lam ** T * x_{c-1} + S_c (sequential, elementwise).
-    # unbind, not local_re[:, c]: the backward of C slices would write C full-size gradients.
-    lam_T = complex_powers(Lambda, torch.tensor([chunk], device=u.device))  # [1, N]
-    x_re, x_im = state[0], state[1]
-    entering_re, entering_im = [], []
-    for s_re, s_im in zip(local_re.unbind(1), local_im.unbind(1)):
-        entering_re.append(x_re)
-        entering_im.append(x_im)
-        x_re, x_im = complex_mul(lam_T, (x_re, x_im))
-        x_re, x_im = x_re + s_re, x_im + s_im
-    prev = torch.stack(entering_re, dim=1), torch.stack(entering_im, dim=1)  # [B, C, H, N]
+    # 3. Carry the state across chunks: x_c = lam ** T * x_{c-1} + S_c. The state entering chunk c
+    # is the prefix sum x_{c-1} = sum_{j <= c} lam ** (T (c - j)) X_j over X = (state, S_0, ..., S_{C-2}).
+    X = tuple(torch.cat([s[:, None], part[:, :-1]], dim=1) for s, part in zip(state, (local_re, local_im)))
+    prev = _decayed_prefix_sum(X, Lambda, chunk)  # [B, C, H, N] each
+    lam_T = complex_powers(Lambda, torch.full((1,), chunk, device=u.device))  # [1, N]
+    last = complex_mul_add(lam_T, (prev[0][:, -1], prev[1][:, -1]), (local_re[:, -1], local_im[:, -1]))
 
     # 4. What the entering state adds at offset j: Re(sum_n W lam ** (j + 1) x_{c-1}).
     z_re, z_im = complex_mul(W, prev)
     p = complex_powers(Lambda, pos + 1)  # [T, N]
     y = y + torch.einsum("bchn,jn->bcjh", torch.cat([z_re, -z_im], dim=-1), torch.cat(p, dim=1))
-    return y.reshape(batch, length, channels), torch.stack([x_re, x_im])
+    return y.reshape(batch, length, channels), torch.stack(last)
+
+
+def _decayed_prefix_sum(x: Complex, Lambda: Complex, step: int) -> Complex:
+    """P_c = sum_{j <= c} lam ** (step (c - j)) x_j along dim 1, i.e. P_c = lam ** step P_{c-1} + x_c.
+
+    Log-depth instead of a loop over c, so that a traced (XLA) graph has O(log C) levels, not C steps:
+    the pair sums lam ** step x_{2i} + x_{2i+1} scanned with the squared decay give P at every odd
+    position; one multiply-add each then gives the even ones. O(C) work in all. Each level takes a
+    fresh power of lam (never a quotient of two), which underflows to 0 for fast modes, harmlessly.
+    """
+    length = x[0].shape[1]
+    if length == 1:
+        return x
+    if length % 2:  # a zero in front changes no sum
+        x = tuple(torch.cat([part[:, :1].new_zeros(()).expand_as(part[:, :1]), part], dim=1) for part in x)
+        return tuple(part[:, 1:] for part in _decayed_prefix_sum(x, Lambda, step))
+    a = complex_powers(Lambda, torch.full((1,), step, device=x[0].device))  # [1, N]
+    # unbind, not [:, :, 0]: the backward of a select writes a full-size zero gradient.
+    (even_re, odd_re), (even_im, odd_im) = (part.unflatten(1, (length // 2, 2)).unbind(2) for part in x)
+    p_odd = _decayed_prefix_sum(complex_mul_add(a, (even_re, even_im), (odd_re, odd_im)), Lambda, 2 * step)
+    # P_{2i} = lam ** step P_{2i-1} + x_{2i}, and P_0 = x_0.
+    rest = complex_mul_add(a, (p_odd[0][:, :-1], p_odd[1][:, :-1]), (even_re[:, 1:], even_im[:, 1:]))
+    p_even = torch.cat([even_re[:, :1], rest[0]], dim=1), torch.cat([even_im[:, :1], rest[1]], dim=1)
+    return tuple(torch.stack([e, o], dim=2).flatten(1, 2) for e, o in zip(p_even, p_odd))
 
 
 class DiagonalSSM(nn.Module):

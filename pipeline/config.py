@@ -151,6 +151,11 @@ class TrainConfig:
     worker_resources: dict[str, Annotated[float, at_least(0)]] = field(default_factory=dict)
     """Ray resources each worker holds, e.g. {TPU: 4} for one v4 host (so workers land on TPU VMs); empty:
     Ray's default (1 CPU, or 1 GPU with backend cuda)."""
+    topology: str = ""
+    """The TPU slice's topology when workers hold TPUs, e.g. 2x2x1 (v4-8, one host) or 2x2x4 (v4-32, four
+    hosts; one worker per host): Ray reserves the whole slice by its hosts' node labels."""
+    accelerator_type: str = ""
+    """The accelerator the workers need, e.g. TPU-V4 (with `topology`) or A100; empty: any."""
     steps: Positive = 200
     global_batch_tokens: Positive = 32768
     """Per optimizer step, over all workers and accumulation steps: a multiple of

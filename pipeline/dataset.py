@@ -3,15 +3,29 @@
 A dataset lives in `<root>/datasets/<kind>-<fingerprint of the data config>/`:
 
     tokenizer.model
-    train/shard-00000.parquet ...       rows of exactly seq_len tokens: tokens, doc_starts (offsets in the row
-                                        where a document begins). Shard k holds work unit k's documents (see
-                                        `pipeline.sources`), each followed by the end-of-document id, cut into
-                                        rows; the last shard holds the units' leftover tails, cut the same way
-                                        (only its very last row may be shorter).
+    train/shard-00000.parquet ...       training rows (below): tokens, doc_starts. Shard k holds work unit k's
+                                        full rows (see `pipeline.sources`); the last shard holds the units' tails.
     validation/shard-00000.parquet ...  one row per document piece: doc (its index in the shard), piece,
     test/...                            n_pieces, tokens, source, n_words, n_bytes (of the whole document)
-    manifest.json                       resolved config, tokenizer hash, per-shard rows/tokens/sha256, counts, skips
+    manifest.json                       resolved config, tokenizer hash, per-shard rows/tokens (as stored)/sha256,
+                                        counts, skips, unit_tail_tokens
     _COMPLETE                           written last; its presence means everything above is final
+
+Training rows. A stream (documents in corpus order, each followed by the end-of-document id) is cut into
+rows of L + 1 tokens (L = seq_len) that overlap their neighbour by one: row j = stream[j·L : j·L + L + 1].
+Training feeds `model(row[:-1], row[1:])`, L inputs and L targets, so every token is an input once and a
+target once. Units are tokenized by separate actors, so each unit k is its own stream: shard k holds its
+full rows, and its tail, from the last full row's last token (repeated) to the unit's end (1 to L tokens; the
+whole unit if it has no full row), goes, with the other tails in unit order, into the last shard, cut the same
+way (only its very last row may be shorter: not a training row). `unit_tail_tokens[k]` in the manifest is that
+tail's length, so unit k = shard k's rows and then its tail, each without its first token but the very first.
+`doc_starts` lists the offsets in a row where a document begins, each document once, in the row where its
+first token is an input (offset < L): one that starts on a row's last token is listed in the next row or tail.
+
+What the per-unit cut costs (no row spans a unit boundary): for each unit after the first that has a full
+row, its first token is never a target (nothing holds the previous unit's last token next to it), and its
+tail's first token is a target twice, the second time in the tails shard after another unit's tail (unless it
+opens that shard); the tails shard's short last row trains nothing (its tokens but the first are no target).
 
 This module is the contract between the stages: the folder's identity (`data_identity`, `dataset_dir`), the
 rows' layout and the shard writer (used by `pipeline.prepare`), the manifest, and the readers (`TrainRows`,
@@ -38,7 +52,7 @@ from pipeline.tokenizer import Tokenizer, tokenizer_hash
 MANIFEST = "manifest.json"
 COMPLETE = "_COMPLETE"
 TOKENIZER = "tokenizer.model"
-FORMAT_VERSION = 2  # 2: a shard per unit plus a tails shard
+FORMAT_VERSION = 3  # 2: a shard per unit plus a tails shard; 3: training rows of seq_len + 1, overlapping by one
 
 
 class DatasetError(RuntimeError):
@@ -106,15 +120,32 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}/shard-{index:05d}.parquet"
 
 
+def row_starts(n: int, seq_len: int) -> np.ndarray:
+    """Where the rows of a stream of `n` tokens start: every seq_len tokens, until a row reaches its end."""
+    return np.arange(0, max(n - 1, 1), seq_len) if n else np.zeros(0, np.int64)
+
+
 def train_rows_table(stream: np.ndarray, doc_starts: np.ndarray, seq_len: int) -> pa.Table:
-    """`stream` cut into rows of seq_len (the last may be shorter); doc_starts: offsets of documents in it."""
-    row_bounds = np.append(np.arange(0, len(stream), seq_len), len(stream))
-    cuts = np.searchsorted(doc_starts, row_bounds)
+    """`stream` as rows of seq_len + 1 tokens overlapping by one (the last may be shorter).
+
+    doc_starts: the stream offsets where documents begin (none on its last token), each put in the row
+    where its token is an input.
+    """
+    starts = row_starts(len(stream), seq_len)
+    lengths = np.minimum(starts + seq_len + 1, len(stream)) - starts
+    full = int(np.count_nonzero(lengths == seq_len + 1))
+    pieces = [stream[:0]]
+    if full:
+        pieces.append(np.lib.stride_tricks.sliding_window_view(stream, seq_len + 1)[::seq_len].ravel())
+    if full < len(starts):  # a shorter last row
+        pieces.append(stream[full * seq_len:])
+    values = np.concatenate(pieces)
+    cuts = np.append(np.searchsorted(doc_starts, starts), len(doc_starts))
     return pa.table({
-        "tokens": pa.ListArray.from_arrays(pa.array(row_bounds, pa.int32()), pa.array(stream, pa.int32())),
+        "tokens": pa.ListArray.from_arrays(pa.array(np.append(0, np.cumsum(lengths)), pa.int32()),
+                                           pa.array(values, pa.int32())),
         "doc_starts": pa.ListArray.from_arrays(
-            pa.array(cuts, pa.int32()),
-            pa.array(doc_starts - np.repeat(row_bounds[:-1], np.diff(cuts)), pa.int32())),
+            pa.array(cuts, pa.int32()), pa.array(doc_starts - np.repeat(starts, np.diff(cuts)), pa.int32())),
     })
 
 
@@ -176,8 +207,9 @@ def build_manifest(cfg: RunConfig, model_bytes: bytes, units: dict[str, list[dic
             "skips": skips,
             "shards": shards,
         }
-        if split == "train":  # how unit k's stream was split: shard k's rows, then these many tokens of the tails
-            splits[split]["unit_tail_tokens"] = [r["tokens"] - (r["shard"] or {"tokens": 0})["tokens"] for r in results]
+        if split == "train":  # unit k's tail: what its shard's rows do not hold as inputs (seq_len per row)
+            splits[split]["unit_tail_tokens"] = [r["tokens"] - (r["shard"] or {"rows": 0})["rows"] * cfg.data.pack.seq_len
+                                                 for r in results]
     return {
         "format_version": FORMAT_VERSION,
         "data": resolved_data_config(cfg),
@@ -219,7 +251,8 @@ def _read_table(url: str, name: str, columns: list[str] | None = None) -> pa.Tab
 
 
 class TrainRows:
-    """Full rows (exactly seq_len tokens) of the training split, shuffled per epoch by shard and by row.
+    """Full rows (seq_len + 1 tokens: seq_len inputs, seq_len targets) of the training split, shuffled per epoch
+    by shard and by row.
 
     Each training worker reads the shards itself through fsspec (rather than through a Ray Data stream)
     because a checkpoint must pin the exact position in the data: the order is a pure function of
@@ -234,11 +267,11 @@ class TrainRows:
         shards = manifest["splits"]["train"]["shards"]
         self.files = [s["file"] for s in shards]
         self.sizes = [s["rows"] for s in shards]
-        if shards[-1]["tokens"] % self.seq_len:  # the split's very last row is short: not a training row
-            self.sizes[-1] -= 1
+        if shards[-1]["tokens"] < shards[-1]["rows"] * (self.seq_len + 1):  # the split's very last row is short:
+            self.sizes[-1] -= 1                                                  # not a training row
         self.rows_per_epoch = sum(self.sizes)
         if self.rows_per_epoch == 0:
-            raise DatasetError(f"{dataset_url}: no full training row of {self.seq_len} tokens; prepare more data")
+            raise DatasetError(f"{dataset_url}: no full training row of {self.seq_len + 1} tokens; prepare more data")
         self._cache: tuple[int, np.ndarray] | None = None
 
     @functools.lru_cache(maxsize=2)  # noqa: B019 - a few small arrays, reused for every row of an epoch
@@ -253,12 +286,12 @@ class TrainRows:
     def _shard(self, index: int) -> np.ndarray:
         if self._cache is None or self._cache[0] != index:
             column = _read_table(self.url, self.files[index], ["tokens"])["tokens"].combine_chunks()
-            tokens = column.values.to_numpy()[: self.sizes[index] * self.seq_len]
-            self._cache = (index, tokens.reshape(self.sizes[index], self.seq_len))
+            tokens = column.values.to_numpy()[: self.sizes[index] * (self.seq_len + 1)]
+            self._cache = (index, tokens.reshape(self.sizes[index], self.seq_len + 1))
         return self._cache[1]
 
     def rows(self, position: int, count: int) -> np.ndarray:
-        """Rows [position, position + count) of the endless seeded sequence, as int64 [count, seq_len]."""
+        """Rows [position, position + count) of the endless seeded sequence, as int64 [count, seq_len + 1]."""
         out = []
         for p in range(position, position + count):
             epoch, offset = divmod(p, self.rows_per_epoch)
@@ -289,15 +322,17 @@ def eval_documents(dataset_url: str, split: str, limit: int | None = None) -> li
     return out
 
 
-def eval_windows(dataset_url: str, split: str, length: int, max_windows: int) -> np.ndarray:
-    """Up to `max_windows` windows of `length` tokens cut from the split's document stream, int64."""
-    stream, need = [], length * max_windows
+def eval_windows(dataset_url: str, split: str, seq_len: int, max_windows: int) -> np.ndarray:
+    """Up to `max_windows` windows cut from the split's document stream like training rows (seq_len + 1 tokens,
+    overlapping by one, so each scores seq_len targets), int64 [n, seq_len + 1]."""
+    stream, have, need = [], 0, seq_len * max_windows + 1
     for doc in eval_documents(dataset_url, split):
         stream.append(doc["tokens"])
-        if sum(map(len, stream)) >= need:
+        have += len(doc["tokens"])
+        if have >= need:
             break
-    tokens = np.concatenate(stream)
-    n = min(max_windows, len(tokens) // length)
+    n = min(max_windows, max(0, have - 1) // seq_len)
     if n == 0:
-        raise DatasetError(f"split {split!r} has fewer than {length} tokens; use a shorter length")
-    return tokens[: n * length].reshape(n, length)
+        raise DatasetError(f"split {split!r} has fewer than {seq_len + 1} tokens; use a shorter length")
+    tokens = np.concatenate(stream)[: n * seq_len + 1]
+    return np.lib.stride_tricks.sliding_window_view(tokens, seq_len + 1)[::seq_len].copy()

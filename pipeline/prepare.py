@@ -7,9 +7,10 @@ work items that are done at most once:
    the same ones) and train SentencePiece; or copy the one given.
 2. tokenize and pack, in one pass: units of the corpus go to an actor pool that holds the SentencePiece
    processor; each unit becomes its own shard, written by the actor, and a JSON sidecar written last.
-   A training unit's tokens that do not fill a last row (its tail) go to `_work/`.
-3. tails: the driver packs the tails, in unit order, into the last training shard (less than one row
-   per unit, so small).
+   A training unit's full rows (seq_len + 1 tokens, overlapping by one) make its shard; the rest, from
+   the last full row's last token on (its tail), goes to `_work/`.
+3. tails: the driver packs the tails, in unit order, into the last training shard (at most one row's
+   inputs per unit, so small).
 
 A re-run skips every unit whose sidecar exists, so an interrupted job resumes with no duplicates and
 no gaps, and its output is byte for byte that of an uninterrupted run. A different data config is a
@@ -266,9 +267,10 @@ class _TokenizeUnits:
         if split == "train":
             stream = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
             starts = np.cumsum([0] + [len(a) for a in arrays[:-1]]) if arrays else np.zeros(0, np.int64)
-            full = len(stream) // self.seq_len * self.seq_len
-            table = train_rows_table(stream[:full], starts[starts < full], self.seq_len)
-            tail = train_rows_table(stream[full:], starts[starts >= full] - full, self.seq_len)
+            rows = max(0, len(stream) - 1) // self.seq_len  # full rows: each needs the token after its inputs
+            cut = rows * self.seq_len  # the last row's last token: a target here, the tail's first input
+            table = train_rows_table(stream[: cut + 1 if rows else 0], starts[starts < cut], self.seq_len)
+            tail = train_rows_table(stream[cut:], starts[starts >= cut] - cut, self.seq_len)
             write_bytes_atomic(self.fs, join(self.out, _tail_name(unit["index"])), parquet_bytes(tail, "none"))
         else:
             words = [len(d.text.split()) for d in read.documents]
@@ -285,7 +287,12 @@ class _TokenizeUnits:
 
 
 def _pack_tails(fs, out: str, units: list[dict], seq_len: int) -> dict | None:
-    """The tails of the training units, in unit order, as one stream cut into rows: the last training shard."""
+    """The tails of the training units, in unit order, as one stream cut into rows: the last training shard.
+
+    A seam between two tails is a pair of the corpus where the second unit has no full row; otherwise the
+    second tail starts with its unit's last full row's last token, a target there and again here (see
+    `pipeline.dataset`).
+    """
     streams, starts, offset = [], [], 0
     for u in units:
         with fs.open(join(out, _tail_name(u["index"])), "rb") as f:

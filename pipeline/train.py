@@ -26,7 +26,8 @@ import torch
 from models import ModelConfig, build_model
 from pipeline import checkpoint
 from pipeline.backends import Backend
-from pipeline.config import RunConfig, TrainConfig, batch_layout, fingerprint, from_dict, model_config, to_dict
+from pipeline.config import (ConfigError, RunConfig, TrainConfig, batch_layout, fingerprint, from_dict, model_config,
+                             to_dict)
 from pipeline.dataset import TrainRows, dataset_dir, eval_windows, load_manifest
 from pipeline.logs import printed_to_log
 from pipeline.storage import absolute, filesystem, join, read_json, write_bytes_atomic, write_json_atomic
@@ -243,6 +244,7 @@ def train_stage(cfg: RunConfig) -> dict[str, Any]:
     model_cfg = model_config(cfg, manifest["tokenizer"]["vocab_size"])
     step_rows, _ = batch_layout(cfg.train, manifest["seq_len"])
     tc = cfg.train
+    scaling_config(tc)  # Ray's checks of the resources asked for, before any MLflow run is made
 
     experiment_id = tracking.setup(cfg)  # also fails fast on an unreachable tracking server
     client = MlflowClient()
@@ -286,6 +288,21 @@ def train_stage(cfg: RunConfig) -> dict[str, Any]:
             "metrics": result.metrics, "skipped": False}
 
 
+def scaling_config(tc: TrainConfig):
+    """Ray Train's resources for `train.*`. Workers that hold TPUs reserve a whole slice (`use_tpu`, `topology`,
+    `accelerator_type`: Ray finds the slice's hosts by their node labels and puts one worker on each); cuda
+    workers hold a GPU each; the rest, CPUs (the XLA lane runs torch_xla on CPU this way)."""
+    import ray.train
+
+    try:
+        return ray.train.ScalingConfig(
+            num_workers=tc.num_workers, use_gpu=tc.backend == "cuda", use_tpu=tc.worker_resources.get("TPU", 0) > 0,
+            topology=tc.topology or None, accelerator_type=tc.accelerator_type or None,
+            resources_per_worker=tc.worker_resources or None)
+    except ValueError as e:  # Ray's own checks of a TPU slice request
+        raise ConfigError(f"train.worker_resources / topology / accelerator_type: {e}") from None
+
+
 def _trainer(cfg: RunConfig, payload: dict[str, Any]):
     """The Ray Train trainer for `train.backend`, named after the run so that a restart resumes it."""
     import ray.train
@@ -294,9 +311,8 @@ def _trainer(cfg: RunConfig, payload: dict[str, Any]):
     from pipeline.cluster import connect
 
     tc = cfg.train
+    scaling = scaling_config(tc)
     connect(cfg.ray)
-    scaling = ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.backend == "cuda",
-                                      resources_per_worker=tc.worker_resources or None)
     run_config = ray.train.RunConfig(
         name=cfg.name, storage_path=absolute(join(cfg.root, "train")),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),

@@ -7,7 +7,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
-from pipeline.dataset import COMPLETE, MANIFEST, DatasetError, dataset_dir, eval_documents, load_manifest
+from pipeline.dataset import (
+    COMPLETE,
+    MANIFEST,
+    DatasetError,
+    dataset_dir,
+    eval_documents,
+    eval_windows,
+    load_manifest,
+    train_rows_table,
+)
 from pipeline.prepare import PrepareError, prepare, prepare_stage
 from pipeline.tokenizer import Tokenizer
 from tests.corpus import shared_corpus, write_arxiv, write_pg19
@@ -47,37 +56,88 @@ def prepared(ray_cluster, books, tmp_path_factory):
     return cfg, manifest, texts
 
 
+def test_train_rows_overlap_by_one_token_and_list_document_starts_where_they_are_inputs():
+    stream = np.arange(100, 111, dtype=np.int32)
+    table = train_rows_table(stream, np.array([0, 3, 4, 8]), seq_len=4).to_pydict()
+    assert table["tokens"] == [[100, 101, 102, 103, 104], [104, 105, 106, 107, 108], [108, 109, 110]]
+    assert table["doc_starts"] == [[0, 3], [0], [0]]  # 4 and 8 are inputs in the next row, not in this one's last
+    exact = train_rows_table(stream[:9], np.array([0, 3, 4]), seq_len=4).to_pydict()  # 2·4 + 1: no short row
+    assert exact["tokens"] == table["tokens"][:2] and exact["doc_starts"] == [[0, 3], [0]]
+    assert train_rows_table(stream[:0], np.zeros(0, np.int64), seq_len=4).num_rows == 0
+
+
+def joined(rows: list) -> np.ndarray:
+    """Rows that overlap by one token put back together: each row after the first without its first token."""
+    return np.concatenate([rows[0], *(r[1:] for r in rows[1:])])
+
+
 def test_tokens_are_conserved_and_packed(prepared):
     cfg, manifest, texts = prepared
     dataset = Path(dataset_dir(cfg))
     tok = Tokenizer((dataset / "tokenizer.model").read_bytes())
     assert manifest["tokenizer"]["eod_id"] == tok.eod_id and manifest["tokenizer"]["vocab_size"] == tok.vocab_size
 
-    # train: shard k holds unit k's documents (each followed by the end-of-document id) in full rows; the
-    # rest of each unit (its tail) is in the last shard. Put back together, it is every document once, in order.
-    expected = [tok.encode_document(t) for t in texts["train"]]
+    # train: each unit's documents (each followed by the end-of-document id) as rows of L + 1 tokens overlapping
+    # by one; shard k holds unit k's full rows, the last shard the units' tails (from the last full row's last
+    # token on) in unit order, cut the same way. Put back together, it is every document once, in order.
+    L = cfg.data.pack.seq_len
+    documents = [tok.encode_document(t) for t in texts["train"]]
+    corpus = np.concatenate(documents)
     train = manifest["splits"]["train"]
-    shards = {s["file"]: pq.read_table(dataset / s["file"]) for s in train["shards"]}
-    tails_file = f"train/shard-{len(train['unit_tail_tokens']):05d}.parquet"
-    tails_table = shards.pop(tails_file).to_pydict()
-    tails = np.concatenate(tails_table["tokens"])
-    tail_starts = np.array([i * 128 + s for i, row in enumerate(tails_table["doc_starts"]) for s in row])
-    assert len(tails) == sum(train["unit_tail_tokens"]) and len(shards) > 1
-    stream, starts, offset = [], [], 0  # the split put back together, and where its documents start
-    for k, tail_tokens in enumerate(train["unit_tail_tokens"]):
-        table = shards.get(f"train/shard-{k:05d}.parquet")
-        if table is not None:
-            assert {len(r) for r in table["tokens"].to_pylist()} == {128}  # only full rows
-            base = sum(map(len, stream))
-            starts += [base + i * 128 + s for i, row in enumerate(table["doc_starts"].to_pylist()) for s in row]
-            stream.append(np.concatenate(table["tokens"].to_numpy(zero_copy_only=False)))
-        in_tail = tail_starts[(tail_starts >= offset) & (tail_starts < offset + tail_tokens)]
-        starts += (in_tail - offset + sum(map(len, stream))).tolist()
-        stream.append(tails[offset: offset + tail_tokens])
-        offset += tail_tokens
-    np.testing.assert_array_equal(np.concatenate(stream), np.concatenate(expected))
-    # document boundaries recoverable: doc_starts give back every document's start
-    assert starts == np.cumsum([0] + [len(e) for e in expected])[:-1].tolist()
+    tail_tokens = train["unit_tail_tokens"]
+    tables = {s["file"]: pq.read_table(dataset / s["file"]).to_pydict() for s in train["shards"]}
+    tails = tables.pop(f"train/shard-{len(tail_tokens):05d}.parquet")
+    shards = [tables.get(f"train/shard-{k:05d}.parquet", {"tokens": [], "doc_starts": []})
+              for k in range(len(tail_tokens))]
+    units = [[np.array(r) for r in shard["tokens"]] for shard in shards]  # unit k's full rows
+    tail_rows = [np.array(r) for r in tails["tokens"]]
+    assert {len(r) for rows in units for r in rows} == {L + 1} and sum(map(bool, units)) > 1  # full rows only
+    assert {len(r) for r in tail_rows[:-1]} == {L + 1} and 2 <= len(tail_rows[-1]) <= L + 1
+
+    tail_stream = joined(tail_rows)
+    tail_at = np.cumsum([0] + tail_tokens)  # where each unit's tail begins in the tails shard
+    assert len(tail_stream) == tail_at[-1]
+    pieces, base, tail_pos = [], [], np.zeros(len(tail_stream), int)  # base: where unit k begins in the split
+    for k, rows in enumerate(units):
+        base.append(sum(map(len, pieces)))
+        tail = tail_stream[tail_at[k]: tail_at[k + 1]]
+        if rows:
+            assert tail[0] == rows[-1][-1]  # the tail repeats the last row's last token
+        pieces += [joined(rows), tail[1:]] if rows else [tail]
+        tail_pos[tail_at[k]: tail_at[k + 1]] = base[k] + len(rows) * L + np.arange(len(tail))
+    np.testing.assert_array_equal(np.concatenate(pieces), corpus)
+
+    # where every stored row sits in the split, and where its documents start (listed once, where an input)
+    placed = [(base[k] + j * L + np.arange(L + 1), row, starts) for k, rows in enumerate(units)
+              for j, (row, starts) in enumerate(zip(rows, shards[k]["doc_starts"]))]
+    placed += [(tail_pos[j * L: j * L + len(row)], row, starts)
+               for j, (row, starts) in enumerate(zip(tail_rows, tails["doc_starts"]))]
+    doc_starts = []
+    for pos, row, starts in placed:
+        np.testing.assert_array_equal(corpus[pos], row)
+        assert all(s < L for s in starts)
+        doc_starts += pos[starts].tolist()
+    assert sorted(doc_starts) == np.cumsum([0] + [len(d) for d in documents])[:-1].tolist()
+
+    # what training sees: every token an input once and a target once, but for the per-unit cut and the short row
+    inputs, targets = np.zeros(len(corpus), int), np.zeros(len(corpus), int)
+    for pos, row, _ in placed:
+        if len(row) == L + 1:
+            inputs[pos[:-1]] += 1
+            targets[pos[1:]] += 1
+    full_tail_rows = sum(len(r) == L + 1 for r in tail_rows)
+    end = tail_pos[full_tail_rows * L:]  # the tails shard from its short last row on
+    assert set(np.flatnonzero(inputs != 1)) == set(end) and not inputs[end].any()
+    expected = np.ones(len(corpus), int)
+    expected[end[1:]] = 0  # the short last row trains nothing
+    for k, rows in enumerate(units):
+        if rows and base[k]:
+            expected[base[k]] = 0  # no row holds a unit's first token after the previous unit's last
+        if rows:  # its tail's first token: also a target in the tails shard, after the previous tail
+            expected[base[k] + len(rows) * L] = 1 + (0 < tail_at[k] <= full_tail_rows * L)
+    expected[0] = 0
+    np.testing.assert_array_equal(targets, expected)
+    assert (expected == 2).sum() > 1
 
     # evaluation splits: documents in order, long ones in pieces, word and byte counts of the whole document
     for split in ("validation", "test"):
@@ -90,13 +150,26 @@ def test_tokens_are_conserved_and_packed(prepared):
         assert any(n > 1 for n in rows["n_pieces"])
 
 
+def test_eval_windows_are_cut_like_training_rows(prepared):
+    cfg, _, _ = prepared
+    dataset = dataset_dir(cfg)
+    stream = np.concatenate([d["tokens"] for d in eval_documents(dataset, "validation")])
+    windows = eval_windows(dataset, "validation", 128, 3)
+    assert windows.shape == (3, 129) and windows.dtype == np.int64
+    np.testing.assert_array_equal(joined(list(windows)), stream[: 3 * 128 + 1])
+    assert eval_windows(dataset, "validation", len(stream) - 1, 5).shape == (1, len(stream))
+    with pytest.raises(DatasetError, match="fewer than"):
+        eval_windows(dataset, "validation", len(stream), 1)
+
+
 def test_manifest_counts_and_lists_skips(prepared):
     cfg, manifest, texts = prepared
     train = manifest["splits"]["train"]
     assert train["documents"] == len(texts["train"])
     assert train["skipped"] == 2 and train["skip_reasons"] == {"empty": 1, "not UTF-8": 1}
     assert sorted(Path(s["source"]).name for s in train["skips"]) == ["5000.txt", "5001.txt"]
-    assert sum(s["tokens"] for s in train["shards"]) == train["tokens"]
+    # every training row but the split's last shares its last token with the next row or its unit's tail
+    assert sum(s["tokens"] for s in train["shards"]) == train["tokens"] + train["rows"] - 1
     assert train["words"] == 0  # words are counted where word-level perplexity needs them: validation, test
     assert manifest["splits"]["test"]["words"] == sum(len(t.split()) for t in texts["test"])
     dataset = Path(dataset_dir(cfg))
@@ -192,7 +265,8 @@ def test_shared_corpora(ray_cluster, tmp_path, kind):
     manifest = prepare(cfg)
     for split, counts in manifest["splits"].items():
         assert counts["documents"] > 0 and set(counts["skip_reasons"]) <= {"empty"}, (split, counts)
-        assert counts["tokens"] == sum(s["tokens"] for s in counts["shards"])
+        overlaps = counts["rows"] - 1 if split == "train" else 0  # training rows share a token with the next
+        assert counts["tokens"] + overlaps == sum(s["tokens"] for s in counts["shards"])
     tok = Tokenizer((Path(dataset_dir(cfg)) / "tokenizer.model").read_bytes())
     row = read_split(Path(dataset_dir(cfg)), manifest, "test")["tokens"][0]
     assert tok.decode(row) and tok.sp.unk_id() not in row  # byte fallback: nothing maps to <unk>

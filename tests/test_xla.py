@@ -86,3 +86,22 @@ def test_ray_train_on_the_xla_backend_learns_without_fallbacks(tmp_path, ray_clu
     losses = [m.value for m in client.get_metric_history(out["run_id"], "loss")]
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert client.get_run(out["run_id"]).data.tags["gss.xla_fallbacks"] == "{}", "ops fell back to the host CPU"
+
+
+def test_gss_train_reserves_a_simulated_two_host_tpu_slice(tmp_path):
+    """Ray Train's TPU slice reservation (use_tpu, topology, accelerator_type) on nodes that look like a v4-16."""
+    import json
+    import subprocess
+    import sys
+
+    import mlflow
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    job = subprocess.run([sys.executable, "-m", "tests.tpu_slice", str(tmp_path)], env=env, capture_output=True,
+                         text=True, timeout=500)
+    assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
+    result = json.loads(job.stdout.strip().splitlines()[-1])
+    client = mlflow.MlflowClient(result["tracking_uri"])
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["train.num_workers"] == "2"
+    assert max(m.step for m in client.get_metric_history(result["run_id"], "loss")) == 4  # the last step
