@@ -32,4 +32,4 @@ test-cpu: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" python -m pytest -m "not xla" $(PYTEST_ARGS)
 
 test-xla: setup-xla
-	PJRT_DEVICE=CPU GSS_REQUIRE_XLA=1 $(XLA_VENV)/bin/python -m pytest -m xla $(PYTEST_ARGS)
+	PJRT_DEVICE=CPU CPU_NUM_DEVICES=4 GSS_REQUIRE_XLA=1 $(XLA_VENV)/bin/python -m pytest -m xla $(PYTEST_ARGS)

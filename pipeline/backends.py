@@ -46,10 +46,6 @@ class Backend:
             value /= dist.get_world_size()
         return value
 
-    def local_rows(self, rows: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-        """This worker's share of rows that all workers hold (validation windows): every world-th row."""
-        return rows[rank::world]
-
     def step_done(self) -> None:
         pass
 
@@ -59,6 +55,10 @@ class Backend:
     def fallback_ops(self) -> dict[str, int] | None:
         """Ops that ran on the host instead of the accelerator, with counts; None where that is not counted."""
         return None
+
+    def compile_counts(self) -> dict[str, float]:
+        """Graphs compiled so far and compilations found in the persistent cache (XLA), as metrics."""
+        return {}
 
     def peak_memory_bytes(self) -> int:
         if self.device.type == "cuda":
@@ -89,30 +89,30 @@ class CUDABackend(Backend):
 
 
 class XLABackend(Backend):
-    """One worker per host; torch_xla SPMD shards the batch over the host's devices (and hosts)."""
+    """One worker per TPU host; torch_xla SPMD runs one program over every device of every host.
+
+    Each host loads only its own rows of a batch; `to_device` hands them to torch_xla as this host's part of
+    one global array (a `minibatch` sharding spec, as torch_xla's MpDeviceLoader does for multi-host SPMD), so
+    the global batch is every host's rows in rank order, sharded along the mesh's data axis.
+    """
 
     @functools.cached_property
-    def mesh(self):
+    def input_sharding(self):
         import numpy as np
         import torch_xla.distributed.spmd as xs
         import torch_xla.runtime as xr
 
         devices = xr.global_runtime_device_count()
-        return xs.Mesh(np.arange(devices), (devices, 1), ("data", "model"))
+        mesh = xs.Mesh(np.arange(devices), (devices, 1), ("data", "model"))
+        return xs.ShardingSpec(mesh, ("data", None), minibatch=True)
 
     def to_device(self, batch: torch.Tensor) -> torch.Tensor:
-        """Shard the batch's rows over every device of the mesh (SPMD data parallel)."""
-        import torch_xla.distributed.spmd as xs
+        import torch_xla.core.xla_model as xm
 
-        batch = batch.to(self.device)
-        xs.mark_sharding(batch, self.mesh, ("data", None))
-        return batch
-
-    def local_rows(self, rows: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-        return rows  # SPMD: `to_device` shards the rows over the mesh
+        return xm.send_cpu_data_to_device([batch], self.device, self.input_sharding)[0]
 
     def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
-        return value  # SPMD: the loss is already global
+        return value  # SPMD: the loss of the global batch is already the same on every host
 
     def step_done(self) -> None:
         import torch_xla
@@ -129,6 +129,15 @@ class XLABackend(Backend):
 
         metrics.clear_all()
 
+    def compile_counts(self) -> dict[str, float]:
+        from torch_xla.debug import metrics
+
+        # a graph the persistent cache has is a hit, or a deserialize failure where the runtime cannot load
+        # executables back (torch_xla 2.9's CPU runtime); a miss is a graph no earlier run compiled
+        return {"xla_compiles": metrics.counter_value("UncachedCompile") or 0,
+                "xla_cache_hits": metrics.counter_value("PersistentCacheHit") or 0,
+                "xla_cache_misses": metrics.counter_value("PersistentCacheMiss") or 0}
+
 
 def _dtype(cfg: TrainConfig, accelerator: bool) -> torch.dtype | None:
     """The autocast dtype of `train.precision`: bf16 on accelerators for auto; None means full precision."""
@@ -137,7 +146,18 @@ def _dtype(cfg: TrainConfig, accelerator: bool) -> torch.dtype | None:
     return torch.bfloat16 if cfg.precision == "bf16" else None
 
 
-def make_backend(cfg: TrainConfig) -> Backend:
+def xla_cache_dir(root: str) -> str:
+    """The persistent XLA compilation cache: `<root>/xla_cache` for a local root, else a folder on the host."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    from pipeline.storage import filesystem
+
+    fs, path = filesystem(root)
+    return os.path.join(path, "xla_cache") if isinstance(fs, LocalFileSystem) else os.path.expanduser("~/.cache/gss/xla")
+
+
+def make_backend(cfg: TrainConfig, xla_cache: str = "") -> Backend:
+    """The worker's backend; `xla_cache`: where compiled XLA programs persist (a restart compiles nothing again)."""
     if cfg.backend == "cpu":
         return CPUBackend("cpu", torch.device("cpu"), _dtype(cfg, accelerator=False))
     if cfg.backend == "cuda":
@@ -150,25 +170,31 @@ def make_backend(cfg: TrainConfig) -> Backend:
         import torch_xla
         import torch_xla.runtime as xr
 
+        if xla_cache:
+            xr.initialize_cache(xla_cache)  # before the first computation
         xr.use_spmd()
         return XLABackend("xla", torch_xla.device(), _dtype(cfg, accelerator=True))
     raise ValueError(f"train.backend={cfg.backend!r}")  # config.py checks the choice at load
 
 
-def xla_backend_config() -> Any:
-    """A Ray Train backend for torch_xla: Ray's `use_tpu=True` picks `torch_tpu`, not this, so it is ours."""
-    from ray.train.backend import Backend as RayBackend
-    from ray.train.backend import BackendConfig
+def xla_torch_config() -> Any:
+    """Ray Train's torch setup (a gloo process group across the hosts, for barriers and small CPU collectives,
+    and MegaScale variables for multislice), plus torch_xla's runtime variables for every worker. Ray's own TPU
+    choice is its `tpu_dist` backend, not torch_xla SPMD, so this one is ours."""
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _TorchBackend
 
-    class _XLABackend(RayBackend):
+    # PJRT picks the TPU on TPU VMs; the tests run it on the CPU with PJRT_DEVICE=CPU and CPU_NUM_DEVICES.
+    runtime = {"PJRT_DEVICE": "TPU", **{k: os.environ[k] for k in ("PJRT_DEVICE", "CPU_NUM_DEVICES") if k in os.environ}}
+
+    class _XLABackend(_TorchBackend):
         def on_start(self, worker_group, backend_config):
-            # PJRT picks TPU on TPU VMs; tests run it on CPU (PJRT_DEVICE=CPU is passed through).
-            device = os.environ.get("PJRT_DEVICE", "TPU")
-            worker_group.execute(lambda: os.environ.setdefault("PJRT_DEVICE", device))
+            worker_group.execute(lambda: os.environ.update(runtime))
+            super().on_start(worker_group, backend_config)
 
-    class XLAConfig(BackendConfig):
+    class XLAConfig(TorchConfig):
         @property
         def backend_cls(self):
             return _XLABackend
 
-    return XLAConfig()
+    return XLAConfig(backend="gloo")

@@ -5,15 +5,24 @@ data position and the learning-rate schedule's state, see `pipeline.dataset.Trai
 the model config, so that `gss eval` can load a checkpoint folder on its own. The folder is handed to Ray
 Train (`ray.train.report`), which copies it into the run's storage (local or gs://) and registers it only
 once it is complete; `load` reads with `weights_only=True`.
+
+When: every `train.checkpoint_every` steps, every `train.checkpoint_minutes` minutes, at the last step, and at
+the first step after a worker is told to go (a SIGTERM, e.g. a Spot VM's preemption, or Ray Train's own
+preemption notice), so that a preempted run loses no step (`Checkpointer`).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from pipeline.storage import filesystem, join
 
@@ -51,14 +60,66 @@ def read(url: str) -> dict[str, Any] | None:
         return load(tmp)
 
 
-class Checkpointer:
-    """Restores a worker from Ray Train's latest checkpoint and saves one every `every` steps and at the last.
+STOP = threading.Event()
+"""Set in a training worker by a SIGTERM (see `_stop_on_sigterm`): checkpoint at the next step, then stop."""
 
-    Every rank calls `save` at the same steps (Ray Train's report is collective); rank 0 writes the state.
+NOTICE_POLL_S = 1.0
+"""How often (rank 0's clock) the workers ask Ray Train whether one of their nodes is being preempted; Ray's
+own watcher looks every 5 s, and the question costs a round trip to an actor, so not every step."""
+
+
+class Stopped(RuntimeError):
+    """Raised on every rank right after the checkpoint a SIGTERM asked for. Ray Train counts it as a worker
+    failure (against `train.max_failures`) and restarts the worker group from that checkpoint wherever it can
+    place it, while the driver waits in the same `fit()`, so the run goes on in the same MLflow run."""
+
+
+class Timer:
+    """Rank 0's clock: whether a time-based checkpoint (every `minutes`; 0: never) or a look at Ray Train's
+    preemption notice (every `NOTICE_POLL_S`) is due."""
+
+    def __init__(self, minutes: float, clock: Callable[[], float] = time.monotonic):
+        self.minutes, self.clock = minutes, clock
+        self.last_save = self.last_look = clock()
+
+    def save_due(self) -> bool:
+        return self.minutes > 0 and self.clock() - self.last_save >= 60 * self.minutes
+
+    def saved(self) -> None:
+        """A checkpoint was written (for whatever reason): the next time-based one is `minutes` from now."""
+        self.last_save = self.clock()
+
+    def look_due(self) -> bool:
+        now = self.clock()
+        if now - self.last_look < NOTICE_POLL_S:
+            return False
+        self.last_look = now
+        return True
+
+
+class Checkpointer:
+    """Restores a worker from Ray Train's latest checkpoint and saves one at steps every rank agrees on.
+
+    It saves every `every` steps, at the last step, every `minutes` minutes of rank 0's clock (0: never), and
+    at the first step after any worker got a SIGTERM (then every rank stops, see `Stopped`) or Ray Train's
+    preemption notice (then training goes on until the node is taken; Ray Train restarts the group itself and
+    counts that against `FailureConfig.max_preemption_failures`). Every rank calls `should_save` once per step
+    and `save` at the steps it says (Ray Train's report is collective); rank 0 writes the state. The ranks
+    agree through one MAX all-reduce of three CPU ints per step over gloo: no device sync.
+
+    The SIGTERM handler only sets `STOP`: it runs on the worker process's main thread, while Ray Train runs the
+    train function, and so this, in a thread of its own.
     """
 
-    def __init__(self, every: int, last_step: int, rank: int, model_config: dict[str, Any]):
+    def __init__(self, every: int, last_step: int, rank: int, model_config: dict[str, Any], minutes: float = 0.0):
+        import ray.train
+
         self.every, self.last_step, self.rank, self.model_config = every, last_step, rank, model_config
+        self.timer = Timer(minutes)
+        self.ranks = _Ranks(ray.train.get_context().get_world_size())
+        self.stopping = False  # a worker got SIGTERM: stop after this step's save
+        self.noticed = False  # Ray Train's preemption notice came (and was saved for): it is not asked again
+        _on_main_thread(_stop_on_sigterm)
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
         """Load the latest checkpoint of this run, if any, into model and optimizer; returns its step (or 0)."""
@@ -77,11 +138,22 @@ class Checkpointer:
         return state["step"]
 
     def should_save(self, step: int) -> bool:
-        return step % self.every == 0 or step == self.last_step
+        """Whether to save after optimizer step `step`: the same answer on every rank (call it once per step)."""
+        lead = self.rank == 0
+        stop, time_due, look = self.ranks.max([STOP.is_set(), lead and self.timer.save_due(),
+                                               lead and self.timer.look_due()])
+        notice = bool(look) and not self.noticed and _preemption_notice()  # `look` is agreed: every rank asks
+        self.noticed |= notice
+        self.stopping = bool(stop)
+        return self.stopping or bool(time_due) or notice or step % self.every == 0 or step == self.last_step
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              metrics: dict[str, float]) -> None:
-        """Write the state of `step` and report it to Ray Train with `metrics` (every rank calls it)."""
+        """Write the state of `step` and report it to Ray Train with `metrics` (every rank calls it).
+
+        After a save that a SIGTERM asked for (and before the last step), raises `Stopped` on every rank, once
+        every rank has reported: Ray Train registers a checkpoint only when all ranks have reported it.
+        """
         import ray.train
 
         with tempfile.TemporaryDirectory() as folder:
@@ -89,3 +161,60 @@ class Checkpointer:
                 save(folder, model, optimizer, step, self.model_config)
             checkpoint = ray.train.Checkpoint.from_directory(folder) if self.rank == 0 else None
             ray.train.report({"step": step, **metrics}, checkpoint=checkpoint)
+        self.timer.saved()
+        if self.stopping and step < self.last_step:
+            self.ranks.max([0])  # a barrier: every rank's report is queued before any rank stops
+            raise Stopped(f"a worker got SIGTERM: stopped after saving the checkpoint of step {step}, "
+                          "for Ray Train to restart the workers from it")
+
+
+class _Ranks:
+    """The training workers, for a MAX all-reduce of a few CPU ints over gloo: a network round trip or two, no
+    device sync."""
+
+    def __init__(self, world: int):
+        self.group = None if world == 1 else _gloo_group()
+
+    def max(self, values: list[int | bool]) -> list[int]:
+        """The element-wise maximum of `values` over the ranks (every rank calls it)."""
+        flags = torch.tensor(values, dtype=torch.int32)
+        if self.group is not None:
+            self.group.allreduce([flags], op=dist.ReduceOp.MAX).wait()
+        return flags.tolist()
+
+
+def _gloo_group() -> dist.ProcessGroup:
+    """A gloo group of all workers, made once (every rank calls it): the default process group where that is
+    gloo (cpu; xla, whose Ray backend sets one up beside SPMD), a new gloo group beside NCCL (cuda)."""
+    return dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def _preemption_notice() -> bool:
+    """Whether Ray Train knows that a node of this worker group is being preempted: its watcher saw the node
+    drained (by Ray's autoscaler, or `ray drain-node --reason=DRAIN_NODE_REASON_PREEMPTION`). A barrier over
+    the workers through an actor; the answer is rank 0's, so every rank gets the same."""
+    import ray.train
+
+    return ray.train.get_preemption_info() is not None
+
+
+def _on_main_thread(fn: Callable[[], None]) -> None:
+    """Run `fn` on this worker process's main thread, the only one that may set a signal handler. Ray Train v2
+    runs the train function in a thread of its own ("TrainingThread"); the worker actor's own methods, such as
+    `execute`, run on the main thread, which stays free between Ray Train's status polls."""
+    import ray
+
+    ray.get(ray.get_runtime_context().current_actor.execute.remote(fn))
+
+
+def _stop_on_sigterm() -> None:
+    """(On the main thread.) The first SIGTERM sets STOP and hands SIGTERM back to Ray's own handler (it ends
+    the process), so that a second SIGTERM still ends a worker at once. Ray's main thread runs Python signal
+    handlers within milliseconds (its task loop checks for signals every few ms)."""
+    ray_handler = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        STOP.set()
+        signal.signal(signal.SIGTERM, ray_handler)
+
+    signal.signal(signal.SIGTERM, on_sigterm)

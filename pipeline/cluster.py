@@ -22,7 +22,8 @@ def connect(cfg: RayConfig) -> None:
         if address:
             ray.init(address=address, **quiet)
         else:
-            ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=cfg.dashboard, **quiet)
+            # "local": a new cluster even if another one on this machine left its address behind in /tmp/ray
+            ray.init(address="local", num_cpus=cfg.num_cpus or None, include_dashboard=cfg.dashboard, **quiet)
         link_ray_session_logs()
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # results in input order: everything built from them is deterministic

@@ -183,6 +183,9 @@ class TrainConfig:
     eval_windows: Positive = 16
     """Validation windows of seq_len tokens, split over the workers."""
     checkpoint_every: Positive = 50
+    checkpoint_minutes: Annotated[float, at_least(0)] = 0.0
+    """Also checkpoint whenever this many minutes have passed since the last checkpoint (rank 0's clock); 0 = off.
+    A worker told to stop (SIGTERM, e.g. a Spot VM's preemption) checkpoints at its next step whatever these say."""
     keep_checkpoints: Positive = 2
     max_failures: NonNegative = 3
     """Worker-group restarts from the last checkpoint."""

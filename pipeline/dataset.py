@@ -18,14 +18,16 @@ target once. Units are tokenized by separate actors, so each unit k is its own s
 full rows, and its tail, from the last full row's last token (repeated) to the unit's end (1 to L tokens; the
 whole unit if it has no full row), goes, with the other tails in unit order, into the last shard, cut the same
 way (only its very last row may be shorter: not a training row). `unit_tail_tokens[k]` in the manifest is that
-tail's length, so unit k = shard k's rows and then its tail, each without its first token but the very first.
-`doc_starts` lists the offsets in a row where a document begins, each document once, in the row where its
-first token is an input (offset < L): one that starts on a row's last token is listed in the next row or tail.
+tail's length: unit k's stream is shard k's rows, then its tail, each piece after the first without the token
+it shares with the one before. `doc_starts` lists the offsets in a row where a document begins, each document
+once, in the row where its first token is an input (offset < L): a document that starts on a row's last token
+is listed in the next row, or in the tails shard.
 
-What the per-unit cut costs (no row spans a unit boundary): for each unit after the first that has a full
-row, its first token is never a target (nothing holds the previous unit's last token next to it), and its
-tail's first token is a target twice, the second time in the tails shard after another unit's tail (unless it
-opens that shard); the tails shard's short last row trains nothing (its tokens but the first are no target).
+What the per-unit cut costs (no row spans two units): each unit with a full row, but the first, never has its
+first token as a target (no row holds it after the previous unit's last token), and its tail's first token,
+already the target ending its last full row, is a target again in the tails shard, after the previous tail
+(one token per unit: one in ~8M with 32 MB units). And the tails shard's short last row is not trained: at the
+split's very end, up to L tokens are no input and up to L - 1 no target.
 
 This module is the contract between the stages: the folder's identity (`data_identity`, `dataset_dir`), the
 rows' layout and the shard writer (used by `pipeline.prepare`), the manifest, and the readers (`TrainRows`,
@@ -208,7 +210,8 @@ def build_manifest(cfg: RunConfig, model_bytes: bytes, units: dict[str, list[dic
             "shards": shards,
         }
         if split == "train":  # unit k's tail: what its shard's rows do not hold as inputs (seq_len per row)
-            splits[split]["unit_tail_tokens"] = [r["tokens"] - (r["shard"] or {"rows": 0})["rows"] * cfg.data.pack.seq_len
+            seq_len = cfg.data.pack.seq_len
+            splits[split]["unit_tail_tokens"] = [r["tokens"] - (r["shard"] or {"rows": 0})["rows"] * seq_len
                                                  for r in results]
     return {
         "format_version": FORMAT_VERSION,
@@ -267,8 +270,8 @@ class TrainRows:
         shards = manifest["splits"]["train"]["shards"]
         self.files = [s["file"] for s in shards]
         self.sizes = [s["rows"] for s in shards]
-        if shards[-1]["tokens"] < shards[-1]["rows"] * (self.seq_len + 1):  # the split's very last row is short:
-            self.sizes[-1] -= 1                                                  # not a training row
+        if shards[-1]["tokens"] < shards[-1]["rows"] * (self.seq_len + 1):
+            self.sizes[-1] -= 1  # the split's very last row is short: not a training row
         self.rows_per_epoch = sum(self.sizes)
         if self.rows_per_epoch == 0:
             raise DatasetError(f"{dataset_url}: no full training row of {self.seq_len + 1} tokens; prepare more data")

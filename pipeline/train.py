@@ -25,7 +25,7 @@ import torch
 
 from models import ModelConfig, build_model
 from pipeline import checkpoint
-from pipeline.backends import Backend
+from pipeline.backends import Backend, xla_cache_dir
 from pipeline.config import (ConfigError, RunConfig, TrainConfig, batch_layout, fingerprint, from_dict, model_config,
                              to_dict)
 from pipeline.dataset import TrainRows, dataset_dir, eval_windows, load_manifest
@@ -106,7 +106,12 @@ class Validator:
 
     def __init__(self, dataset: str, tc: TrainConfig, backend: Backend, rank: int, world: int, seq_len: int):
         windows = torch.from_numpy(eval_windows(dataset, "validation", seq_len, tc.eval_windows))
-        self.windows = backend.local_rows(windows, rank, world)
+        # whole micro-batches on every worker: one shape (one XLA graph), and each rank's mean weighs the same
+        usable = len(windows) // (world * tc.micro_batch) * (world * tc.micro_batch)
+        if not usable:
+            raise TrainingError(f"the validation split has {len(windows)} windows of {seq_len} tokens, fewer than "
+                                f"num_workers × micro_batch = {world * tc.micro_batch}; lower train.micro_batch")
+        self.windows = windows[:usable][rank::world]  # this worker's share
         self.every, self.last_step, self.micro_batch, self.backend = tc.eval_every, tc.steps, tc.micro_batch, backend
 
     def should_run(self, step: int) -> bool:
@@ -156,6 +161,7 @@ class MetricsLogger:
                    "peak_memory_mb": self.backend.peak_memory_bytes() / 2**20, "tokens_seen": step * self.tokens_per_step}
         if val_loss is not None:
             metrics.update(val_loss=summary[2], val_ppl=math.exp(min(summary[2], 50)))
+        metrics.update(self.backend.compile_counts())
         self._log(step, metrics)
         return metrics
 
@@ -185,11 +191,12 @@ def train_loop(payload: dict[str, Any]) -> None:
     tc = from_dict(RunConfig, payload["cfg"]).train
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    backend = make_backend(tc)
+    backend = make_backend(tc, payload["xla_cache"])
     torch.manual_seed(tc.seed)
     model = build_model(ModelConfig(**payload["model"])).to(backend.device)
     optimizer = make_optimizer(model, tc)
-    checkpointer = checkpoint.Checkpointer(tc.checkpoint_every, tc.steps, rank, payload["model"])
+    checkpointer = checkpoint.Checkpointer(tc.checkpoint_every, tc.steps, rank, payload["model"],
+                                           minutes=tc.checkpoint_minutes)
     step = checkpointer.restore(model, optimizer)
     model = backend.wrap(model, tc)
     batches = StepBatches(payload["dataset"], tc, rank, backend)
@@ -257,7 +264,8 @@ def train_stage(cfg: RunConfig) -> dict[str, Any]:
 
     run_dir = join(absolute(join(cfg.root, "train")), cfg.name)
     payload = {"cfg": to_dict(cfg), "model": dataclasses.asdict(model_cfg), "dataset": dataset,
-               "tracking_uri": mlflow.get_tracking_uri(), "run_id": run.info.run_id, "run_dir": run_dir}
+               "tracking_uri": mlflow.get_tracking_uri(), "run_id": run.info.run_id, "run_dir": run_dir,
+               "xla_cache": xla_cache_dir(cfg.root)}
     trainer = _trainer(cfg, payload)
     fs, diverged = filesystem(join(run_dir, DIVERGED))
     if fs.exists(diverged):
@@ -319,14 +327,13 @@ def _trainer(cfg: RunConfig, payload: dict[str, Any]):
         failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
     )
     if tc.backend == "xla":
-        from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+        from pipeline.backends import xla_torch_config
 
-        from pipeline.backends import xla_backend_config
-
-        return DataParallelTrainer(train_loop, train_loop_config=payload, backend_config=xla_backend_config(),
-                                   scaling_config=scaling, run_config=run_config)
+        torch_config = xla_torch_config()
+    else:
+        torch_config = TorchConfig(backend="nccl" if tc.backend == "cuda" else "gloo")
     return TorchTrainer(train_loop, train_loop_config=payload, scaling_config=scaling, run_config=run_config,
-                        torch_config=TorchConfig(backend="nccl" if tc.backend == "cuda" else "gloo"))
+                        torch_config=torch_config)
 
 
 class TrainingProgress:

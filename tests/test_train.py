@@ -45,11 +45,16 @@ def test_the_ssm_parameters_and_vectors_get_no_weight_decay(arch):
 
 
 def test_row_order_is_seeded_resumable_and_covers_each_epoch_once(corpus):
+    import pyarrow.parquet as pq
+
     cfg = load_config(None, as_overrides(run_config(corpus / "out", corpus / "corpus", "base")))
     rows = TrainRows(dataset_dir(cfg), seed=3)
     n = rows.rows_per_epoch
     epoch = rows.rows(0, n)
+    assert epoch.shape == (n, 64 + 1)  # seq_len inputs and seq_len targets per row
     assert len({r.tobytes() for r in epoch}) == n  # every full row exactly once (rows are distinct text)
+    lengths = [len(r) for f in rows.files for r in pq.read_table(os.path.join(rows.url, f))["tokens"].to_pylist()]
+    assert set(lengths[:-1]) == {65} and n == lengths.count(65)  # the split's short last row is no training row
     np.testing.assert_array_equal(TrainRows(dataset_dir(cfg), seed=3).rows(n // 2, 5), epoch[n // 2: n // 2 + 5])
     assert not np.array_equal(TrainRows(dataset_dir(cfg), seed=4).rows(0, 5), epoch[:5])
     assert not np.array_equal(rows.rows(n, 5), epoch[:5])  # the next epoch is reshuffled

@@ -66,8 +66,13 @@ def test_fft_kernel_is_what_falls_back():
     assert any("fft" in name for name in fallback_counters())
 
 
-def test_ray_train_on_the_xla_backend_learns_without_fallbacks(tmp_path, ray_cluster):
-    """`gss train` with train.backend=xla: our own Ray Train backend, torch_xla SPMD, one worker."""
+def test_ray_train_on_the_xla_backend_learns_compiles_once_and_finds_its_graphs_in_the_cache(tmp_path, ray_cluster):
+    """`gss train` with train.backend=xla: our Ray Train backend, torch_xla SPMD over the process's 4 devices.
+
+    No op falls back to the host; the number of compiled graphs stops growing once the first validation and
+    metrics have run (step 3 on: no new graph per step, per learning rate or per report); a second run on the
+    same root finds every graph in the persistent compilation cache.
+    """
     import mlflow
 
     from pipeline.config import load_config
@@ -76,16 +81,32 @@ def test_ray_train_on_the_xla_backend_learns_without_fallbacks(tmp_path, ray_clu
     from tests.corpus import TINY_MODEL, as_overrides, run_config, write_pg19
 
     write_pg19(tmp_path / "corpus", counts=(6, 2, 2), words=(2000, 4000))
-    tree = run_config(tmp_path / "out", tmp_path / "corpus", "xla", steps=12, num_workers=1, backend="xla",
-                      global_batch_tokens=512, eval_every=6, checkpoint_every=6, log_every=2)
+    tree = run_config(tmp_path / "out", tmp_path / "corpus", "xla", steps=8, num_workers=1, backend="xla",
+                      global_batch_tokens=512, eval_every=2, checkpoint_every=4, log_every=1)
     tree["train"]["model"] = {**TINY_MODEL, "ssm_kernel": "chunked", "ssm_chunk": 16}
     cfg = load_config(None, as_overrides(tree))
     prepare(cfg)
-    out = train_stage(cfg)
-    client = mlflow.MlflowClient()
-    losses = [m.value for m in client.get_metric_history(out["run_id"], "loss")]
-    assert len(losses) == 6 and losses[-1] < losses[0]
-    assert client.get_run(out["run_id"]).data.tags["gss.xla_fallbacks"] == "{}", "ops fell back to the host CPU"
+    first = train_stage(cfg)["run_id"]
+    client = mlflow.MlflowClient()  # after train_stage, which points MLflow at the run's store
+
+    def history(run_id: str, key: str) -> dict[int, float]:
+        return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+    losses = history(first, "loss")
+    assert len(losses) == 8 and losses[8] < losses[1]
+    assert client.get_run(first).data.tags["gss.xla_fallbacks"] == "{}", "ops fell back to the host CPU"
+    compiles = history(first, "xla_compiles")
+    assert compiles[1] > 0 and len({n for step, n in compiles.items() if step >= 3}) == 1, compiles
+
+    cached = sorted((tmp_path / "out" / "xla_cache").iterdir())
+    assert len(cached) == compiles[8] == history(first, "xla_cache_misses")[8]  # every graph went to the cache
+
+    # A restart (a new process, as after a Spot preemption) finds every graph in the cache: no miss, no new
+    # entry. On a TPU that means no compilation; torch_xla 2.9's CPU runtime cannot load a compiled program
+    # back (counter PersistentCacheDeserializeFailure) and so compiles it again, which only the TPU avoids.
+    again = train_stage(load_config(None, [*as_overrides(tree), "name=xla-again"]))["run_id"]
+    assert set(history(again, "xla_cache_misses").values()) == {0}, history(again, "xla_cache_misses")
+    assert sorted((tmp_path / "out" / "xla_cache").iterdir()) == cached
 
 
 def test_gss_train_reserves_a_simulated_two_host_tpu_slice(tmp_path):
