@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 from models import ModelConfig, build_model
@@ -75,10 +76,17 @@ class StepBatches:
         self.step_rows, self.accumulation = batch_layout(tc, self.seq_len)
         self.micro_batch, self.rank, self.backend = tc.micro_batch, rank, backend
 
-    def __call__(self, step: int) -> Iterator[torch.Tensor]:
+    def host_rows(self, step: int) -> Iterator[np.ndarray]:
+        """This worker's rows of each micro-batch of `step`. Over the workers and micro-batches they are rows
+        [step × step_rows, (step + 1) × step_rows) of the seeded order, whatever the number of workers; with
+        SPMD over several hosts, micro-batch m of the global batch is every host's m-th part, in rank order."""
         for micro in range(self.accumulation):
             position = step * self.step_rows + (self.rank * self.accumulation + micro) * self.micro_batch
-            yield self.backend.to_device(torch.from_numpy(self.rows.rows(position, self.micro_batch)))
+            yield self.rows.rows(position, self.micro_batch)
+
+    def __call__(self, step: int) -> Iterator[torch.Tensor]:
+        for rows in self.host_rows(step):
+            yield self.backend.to_device(torch.from_numpy(rows))
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, backend: Backend,

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from models import build_model
 from pipeline.config import TrainConfig, load_config
@@ -58,6 +59,27 @@ def test_row_order_is_seeded_resumable_and_covers_each_epoch_once(corpus):
     np.testing.assert_array_equal(TrainRows(dataset_dir(cfg), seed=3).rows(n // 2, 5), epoch[n // 2: n // 2 + 5])
     assert not np.array_equal(TrainRows(dataset_dir(cfg), seed=4).rows(0, 5), epoch[:5])
     assert not np.array_equal(rows.rows(n, 5), epoch[:5])  # the next epoch is reshuffled
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_the_hosts_load_together_exactly_the_global_batch_of_one_host(corpus, workers):
+    """Multi-host SPMD (torch_xla 2.9's CPU runtime cannot run two processes as one: each sees only its own
+    devices), shown on the rows instead: at every step the workers' micro-batches are, together, the rows one
+    worker loads for the same global batch; a resume at step k needs nothing but k."""
+    from pipeline.backends import CPUBackend
+    from pipeline.train import StepBatches
+
+    dataset = dataset_dir(load_config(None, as_overrides(run_config(corpus / "out", corpus / "corpus", "base"))))
+    host = CPUBackend("cpu", torch.device("cpu"), None)
+
+    def loaded(num_workers: int, rank: int, step: int) -> list[bytes]:
+        tc = TrainConfig(global_batch_tokens=16 * 64, num_workers=num_workers, micro_batch=2, seed=5)
+        return [row.tobytes() for part in StepBatches(dataset, tc, rank, host).host_rows(step) for row in part]
+
+    for step in (0, 1, 7, 1000):  # 1000: beyond the first epoch
+        one_host = loaded(1, 0, step)
+        assert len(one_host) == 16
+        assert sorted(sum((loaded(workers, rank, step) for rank in range(workers)), [])) == sorted(one_host)
 
 
 def test_two_workers_train_and_mlflow_has_run_params_metrics_and_model(corpus):

@@ -126,3 +126,28 @@ def test_gss_train_reserves_a_simulated_two_host_tpu_slice(tmp_path):
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED" and run.data.params["train.num_workers"] == "2"
     assert max(m.step for m in client.get_metric_history(result["run_id"], "loss")) == 4  # the last step
+
+
+def xla_steps(tmp_path, devices: int, resume_at: int = 0) -> dict:
+    """tests/xla_steps.py in a process with `devices` CPU devices."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / f"steps-{devices}-{resume_at}.json"
+    env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(devices)}
+    job = subprocess.run([sys.executable, "-m", "tests.xla_steps", str(out), str(resume_at)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert job.returncode == 0, job.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_four_devices_train_like_one_and_resume_from_a_checkpoint_alike(tmp_path):
+    """SPMD data parallel: the same rows on 1 or 4 devices give the same losses; the batch is split by rows over
+    the 4 devices; a checkpoint saved under SPMD and loaded into a fresh model continues the same losses."""
+    one, four = xla_steps(tmp_path, 1), xla_steps(tmp_path, 4)
+    assert (one["devices"], four["devices"]) == (1, 4)
+    assert four["sharding"] == "{devices=[4,1]0,1,2,3}"  # rows over the 4 devices, the sequence whole
+    torch.testing.assert_close(four["losses"], one["losses"], rtol=1e-5, atol=1e-5)
+    resumed = xla_steps(tmp_path, 4, resume_at=3)
+    torch.testing.assert_close(resumed["losses"], four["losses"], rtol=1e-6, atol=1e-6)
