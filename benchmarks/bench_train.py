@@ -63,7 +63,7 @@ def main() -> None:
                 model_cfg = model_config(cfg, load_manifest(dataset_dir(cfg))["tokenizer"]["vocab_size"])
                 with torch.device("meta"):
                     model = build_model(model_cfg)
-                flops = flops_per_token(model, args.seq_len - 1, batch=args.micro_batch)
+                flops = flops_per_token(model, args.seq_len, batch=args.micro_batch)
                 per_device = tokens_s / workers
                 rows.append({"preset": preset, "workers": workers, "params (M)": model.num_parameters() / 1e6,
                              "tokens/s": tokens_s, "tokens/s per worker": per_device,

@@ -123,8 +123,9 @@ class TokenizerConfig:
 class PackConfig:
     """How tokenized documents become rows."""
 
-    seq_len: Annotated[int, at_least(2, "a row holds inputs and the tokens after them")] = 4096
-    """Training rows have exactly this many tokens (the last row may be shorter)."""
+    seq_len: Positive = 4096
+    """The training length: the model trains on exactly this many tokens per row (rows hold seq_len + 1
+    tokens, the last one the target of the one before; see `pipeline.dataset`)."""
     eval_piece_tokens: Positive = 131072
     """Validation/test documents longer than this are cut into pieces."""
 
@@ -181,7 +182,8 @@ class TrainConfig:
     """cuda: FSDP2 (fully_shard per block) instead of DDP."""
     eval_every: Positive = 50
     eval_windows: Positive = 16
-    """Validation windows of seq_len tokens, split over the workers."""
+    """Validation windows of seq_len inputs (seq_len + 1 tokens), split over the workers; whole micro-batches
+    of them on every worker."""
     checkpoint_every: Positive = 50
     checkpoint_minutes: Annotated[float, at_least(0)] = 0.0
     """Also checkpoint whenever this many minutes have passed since the last checkpoint (rank 0's clock); 0 = off.

@@ -44,7 +44,7 @@ def test_valid_values_load():
     cfg = load_config(LOCAL, [
         "train.lr=1e-3",  # YAML 1.1 reads this as text; a float field takes it
         "train.backend=cuda", "train.fsdp=true", "train.precision=bf16", "eval.device=cpu",
-        "data.tokenizer.vocab_size=263", "data.tokenizer.model_type=bpe", "data.pack.seq_len=2",
+        "data.tokenizer.vocab_size=263", "data.tokenizer.model_type=bpe", "data.pack.seq_len=1",
         "train.global_batch_tokens=64", "train.micro_batch=16", "train.num_workers=2",
         "train.min_lr_ratio=0", "train.betas=[0, 0.999]", "data.source.kind=files", "data.source.splits.train=**/*.py",
         "train.worker_resources={TPU: 4}", "train.model={arch: transformer, ssm_kernel: chunked}",
@@ -60,8 +60,7 @@ BAD = [
     ("data.tokenizer.vocab_size=262", "data.tokenizer.vocab_size=262: must be at least 263"),
     ("data.tokenizer.model_type=word", "data.tokenizer.model_type='word': must be one of unigram, bpe"),
     ("data.tokenizer.sample_bytes=0", "data.tokenizer.sample_bytes=0: must be at least 1"),
-    ("data.pack.seq_len=0", "data.pack.seq_len=0: must be at least 2"),
-    ("data.pack.seq_len=1", "data.pack.seq_len=1: must be at least 2"),
+    ("data.pack.seq_len=0", "data.pack.seq_len=0: must be at least 1"),
     ("data.pack.eval_piece_tokens=0", "data.pack.eval_piece_tokens=0: must be at least 1"),
     ("data.source.kind=web", "data.source.kind='web': must be one of pg19, arxiv, github, files"),
     ("data.source.holdout_fraction=1", "data.source.holdout_fraction=1.0: must be in [0, 1)"),
