@@ -8,20 +8,40 @@
     the paper's width (E=1024, F=4096, 16 heads, vocab 32000) with reduced depth, batch 1.
 
     python -m benchmarks.bench_kernels --part ssm,model
+
+--ssm-file times the DiagonalSSM of another copy of models/ssm.py in (a), e.g. the one before a change:
+
+    git show 8d12870:models/ssm.py > /tmp/ssm_before.py
+    python -m benchmarks.bench_kernels --part ssm --ssm-file /tmp/ssm_before.py
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from dataclasses import replace
+from types import ModuleType
 
 import torch
 
 from benchmarks import common
-from models import PRESETS, DiagonalSSM, build_model
+from models import PRESETS, build_model
+
+
+def load_ssm(path: str | None) -> ModuleType:
+    """models.ssm, or the module in the file at `path` (a self-contained copy of models/ssm.py)."""
+    if path is None:
+        from models import ssm
+
+        return ssm
+    spec = importlib.util.spec_from_file_location("ssm_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def bench_ssm(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    DiagonalSSM = load_ssm(args.ssm_file).DiagonalSSM
     variants = [("fft", None)] + [("chunked", int(c)) for c in args.chunks.split(",")]
     rows = []
     for length in args.ssm_lengths:
@@ -43,6 +63,7 @@ def bench_ssm(args: argparse.Namespace, device: torch.device) -> list[dict]:
             row[f"{name} (ms)"] = t.median_s * 1e3
             print(f"ssm L={length} {name} {row['pass']}: {t.median_s * 1e3:.1f} ms (n={t.n})", flush=True)
         row["fastest"] = min((k for k in row if k.endswith("(ms)")), key=row.get).removesuffix(" (ms)")
+        row["cpu busy after"] = common.cpu_busy()  # other processes' load just after this row
         rows.append(row)
     return rows
 
@@ -79,6 +100,7 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=256, help="H")
     parser.add_argument("--state-size", type=int, default=512, help="N")
     parser.add_argument("--chunks", default="64,128,256", help="chunk sizes of the chunked kernel")
+    parser.add_argument("--ssm-file", default=None, help="(a): a copy of models/ssm.py to time instead")
     parser.add_argument("--model-lengths", type=common.int_list, default="1k,2k,4k,8k,16k")
     parser.add_argument("--gss-layers", type=int, default=2)
     parser.add_argument("--attn-layers", type=int, default=2)
@@ -93,7 +115,8 @@ def main() -> None:
     if "ssm" in args.part:
         results["ssm"] = rows = bench_ssm(args, device)
         print(f"\n(a) DiagonalSSM H={args.channels} N={args.state_size}, batch 1, ms per call\n")
-        common.print_table(rows, ["L", "pass"] + [k for k in rows[0] if k.endswith("(ms)")] + ["fastest"])
+        times = [k for k in rows[0] if k.endswith("(ms)")]
+        common.print_table(rows, ["L", "pass", *times, "fastest", "cpu busy after"])
     if "model" in args.part:
         results["model"] = rows = bench_model(args, device)
         print(f"\n(b) forward+backward, E=1024, GSS {args.gss_layers} layers "

@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import build_model
 from models.ssm import DiagonalSSM, conv_direct, conv_fft, scan_chunked, scan_ref
@@ -31,7 +32,8 @@ def test_kernels_match_reference_float32(length):
         torch.testing.assert_close(y / scale, reference / scale, atol=2e-6, rtol=0)
 
 
-@pytest.mark.parametrize("length", [1, 5, 8, 16, 21, 40])  # on and off multiples of the chunk (8)
+# On and off multiples of the chunk (8); 1 to 32 chunks, odd and even counts at every level of the carry.
+@pytest.mark.parametrize("length", [1, 5, 8, 16, 21, 40, 59, 104, 256, 261])
 def test_chunked_scan_matches_the_recurrence_from_any_state(length):
     ssm = make_ssm().double()
     W, Lambda = ssm.modes()
@@ -41,6 +43,49 @@ def test_chunked_scan_matches_the_recurrence_from_any_state(length):
     y, state = scan_chunked(u, W, Lambda, ssm.D, start, chunk_size=8)
     torch.testing.assert_close(y, expected)
     torch.testing.assert_close(state, expected_state)
+
+
+@pytest.mark.parametrize("length", [21, 40, 59])  # 2, 5 and 7 chunks (odd counts pad a level of the carry)
+def test_chunked_scan_gradients_match_the_recurrence(length):
+    """Gradients of every input, the starting state and the parameters included, of the outputs and of
+    the final state."""
+    grads = {}
+    for name, scan in (("chunked", lambda *args: scan_chunked(*args, chunk_size=8)), ("ref", scan_ref)):
+        torch.manual_seed(0)
+        ssm = make_ssm().double()
+        u = torch.randn(2, length, 6, dtype=torch.float64, requires_grad=True)
+        start = torch.randn(2, 2, 6, 12, dtype=torch.float64, requires_grad=True)
+        W, Lambda = ssm.modes()
+        y, state = scan(u, W, Lambda, ssm.D, start)
+        (y.sin().sum() + state.cos().sum()).backward()
+        grads[name] = [u.grad, start.grad, *(p.grad for p in ssm.parameters())]
+    for chunked, ref in zip(grads["chunked"], grads["ref"]):
+        torch.testing.assert_close(chunked, ref)
+
+
+def test_chunked_scan_graph_grows_with_log_of_the_chunk_count():
+    """The carry between chunks is log-depth: under XLA the traced graph is what runs, so the ops of
+    one forward + backward may grow by a constant per doubling of the chunks, not per chunk."""
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    ssm = make_ssm(chunk=4)
+    counts = []
+    for n_chunks in (4, 8, 16, 32, 64, 128):
+        u = torch.randn(1, 4 * n_chunks, 6, requires_grad=True)
+        with CountOps() as ops:
+            y, state = ssm(u, ssm.init_state(1))
+            (y.sum() + state.sum()).backward()
+        counts.append(ops.count)
+    steps = [later - earlier for earlier, later in zip(counts, counts[1:])]
+    assert len(set(steps)) == 1 and steps[0] < counts[0], counts
 
 
 def test_kernel_is_the_dss_formula():
