@@ -177,24 +177,41 @@ def make_backend(cfg: TrainConfig, xla_cache: str = "") -> Backend:
     raise ValueError(f"train.backend={cfg.backend!r}")  # config.py checks the choice at load
 
 
-def xla_torch_config() -> Any:
-    """Ray Train's torch setup (a gloo process group across the hosts, for barriers and small CPU collectives,
-    and MegaScale variables for multislice), plus torch_xla's runtime variables for every worker. Ray's own TPU
-    choice is its `tpu_dist` backend, not torch_xla SPMD, so this one is ours."""
-    from ray.train.torch import TorchConfig
-    from ray.train.torch.config import _TorchBackend
+def xla_backend_config() -> Any:
+    """The Ray Train backend of torch_xla workers: torch_xla's runtime variables on every worker, and a gloo
+    process group across the hosts (barriers, small CPU collectives such as the checkpoint decision).
+
+    Ours, not Ray's torch setup: that one asks Ray's device manager for the worker's device, which on workers
+    holding TPUs means `torch_tpu` (RuntimeError "Using TPUTorchDeviceManager but torch_tpu is not available"),
+    while this path runs torch_xla SPMD. (MegaScale variables for multislice runs are not set here.)
+    """
+    import ray
+    import torch.distributed as dist
+    from ray._common.network_utils import build_address
+    from ray.train._internal.utils import get_address_and_port
+    from ray.train.backend import Backend as RayBackend
+    from ray.train.backend import BackendConfig
+    from ray.train.torch.config import _setup_torch_process_group
 
     # PJRT picks the TPU on TPU VMs; the tests run it on the CPU with PJRT_DEVICE=CPU and CPU_NUM_DEVICES.
     runtime = {"PJRT_DEVICE": "TPU", **{k: os.environ[k] for k in ("PJRT_DEVICE", "CPU_NUM_DEVICES") if k in os.environ}}
 
-    class _XLABackend(_TorchBackend):
+    class _XLABackend(RayBackend):
         def on_start(self, worker_group, backend_config):
             worker_group.execute(lambda: os.environ.update(runtime))
-            super().on_start(worker_group, backend_config)
+            host, port = worker_group.execute_single(0, get_address_and_port)
+            world = len(worker_group)
+            ray.get([worker_group.execute_single_async(rank, _setup_torch_process_group, backend="gloo",
+                                                       world_rank=rank, world_size=world,
+                                                       init_method=f"tcp://{build_address(host, port)}", timeout_s=1800)
+                     for rank in range(world)])
 
-    class XLAConfig(TorchConfig):
+        def on_shutdown(self, worker_group, backend_config):
+            worker_group.execute(lambda: dist.destroy_process_group() if dist.is_initialized() else None)
+
+    class XLAConfig(BackendConfig):
         @property
         def backend_cls(self):
             return _XLABackend
 
-    return XLAConfig(backend="gloo")
+    return XLAConfig()

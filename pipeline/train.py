@@ -334,14 +334,15 @@ def _trainer(cfg: RunConfig, payload: dict[str, Any]):
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
         failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
     )
-    if tc.backend == "xla":
-        from pipeline.backends import xla_torch_config
+    if tc.backend == "xla":  # not TorchTrainer: on TPU workers it would set up torch_tpu, not torch_xla
+        from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-        torch_config = xla_torch_config()
-    else:
-        torch_config = TorchConfig(backend="nccl" if tc.backend == "cuda" else "gloo")
+        from pipeline.backends import xla_backend_config
+
+        return DataParallelTrainer(train_loop, train_loop_config=payload, backend_config=xla_backend_config(),
+                                   scaling_config=scaling, run_config=run_config)
     return TorchTrainer(train_loop, train_loop_config=payload, scaling_config=scaling, run_config=run_config,
-                        torch_config=torch_config)
+                        torch_config=TorchConfig(backend="nccl" if tc.backend == "cuda" else "gloo"))
 
 
 class TrainingProgress:
