@@ -27,8 +27,16 @@ import torch
 from models import ModelConfig, build_model
 from pipeline import checkpoint
 from pipeline.backends import Backend, xla_cache_dir
-from pipeline.config import (ConfigError, RunConfig, TrainConfig, batch_layout, fingerprint, from_dict, model_config,
-                             to_dict)
+from pipeline.config import (
+    ConfigError,
+    RunConfig,
+    TrainConfig,
+    batch_layout,
+    fingerprint,
+    from_dict,
+    model_config,
+    to_dict,
+)
 from pipeline.dataset import TrainRows, dataset_dir, eval_windows, load_manifest
 from pipeline.logs import printed_to_log
 from pipeline.storage import absolute, filesystem, join, read_json, write_bytes_atomic, write_json_atomic
