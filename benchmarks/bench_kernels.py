@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+from collections.abc import Callable
 from dataclasses import replace
 from types import ModuleType
 
@@ -38,6 +39,14 @@ def load_ssm(path: str | None) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def top_ops(fn: Callable[[], None], k: int) -> list[tuple[str, float]]:
+    """The k ops with the most self time in one more call of fn, under torch.profiler: [(op, ms)]."""
+    with torch.profiler.profile() as prof:
+        fn()
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:k]
+    return [(e.key, e.self_cpu_time_total / 1e3) for e in ops]
 
 
 def bench_ssm(args: argparse.Namespace, device: torch.device) -> list[dict]:
@@ -62,6 +71,9 @@ def bench_ssm(args: argparse.Namespace, device: torch.device) -> list[dict]:
             t = common.measure(run, device, args.warmup, args.reps, args.budget_s)
             row[f"{name} (ms)"] = t.median_s * 1e3
             print(f"ssm L={length} {name} {row['pass']}: {t.median_s * 1e3:.1f} ms (n={t.n})", flush=True)
+            if args.profile:
+                row[f"{name} top ops"] = top_ops(run, args.profile)
+                print("  " + ", ".join(f"{op} {ms:.1f}" for op, ms in row[f"{name} top ops"]), flush=True)
         row["fastest"] = min((k for k in row if k.endswith("(ms)")), key=row.get).removesuffix(" (ms)")
         row["cpu busy after"] = common.cpu_busy()  # other processes' load just after this row
         rows.append(row)
@@ -101,6 +113,7 @@ def main() -> None:
     parser.add_argument("--state-size", type=int, default=512, help="N")
     parser.add_argument("--chunks", default="64,128,256", help="chunk sizes of the chunked kernel")
     parser.add_argument("--ssm-file", default=None, help="(a): a copy of models/ssm.py to time instead")
+    parser.add_argument("--profile", type=int, default=0, help="(a): also list the K ops with most self time")
     parser.add_argument("--model-lengths", type=common.int_list, default="1k,2k,4k,8k,16k")
     parser.add_argument("--gss-layers", type=int, default=2)
     parser.add_argument("--attn-layers", type=int, default=2)

@@ -14,21 +14,29 @@ torch_xla starts (PJRT_DEVICE=CPU, CPU_NUM_DEVICES=devices); this script spawns 
   * wall (s):      from the call of train_step until the device is idle (`xm.wait_device_ops()`), so a
                    step is timed whole; a `gss train` worker does not wait per step and overlaps the next
                    step's tracing with this step's execution,
-  * host (s):      until train_step returns (tracing + compiling, when there is something to compile),
+  * host (s):      until train_step returns: tracing, compiling when there is something new to compile,
+                   and at times the execution too (torch_xla.sync() does not always return before it),
   * cpu / wall:    the process's CPU seconds over wall seconds: how many cores the step got (at most the
-                   machine's count; less when other processes share them),
+                   machine's count; less when other processes share them). The CPU seconds of a step
+                   ("cpu s/step", median) change far less than its wall time when the cores are shared,
+  * loss:          `loss.item()` after each step (the steps are the same in every case: same seeds),
   * graphs:        `metrics.counter_value("UncachedCompile")`: graphs compiled so far in the process,
   * CompileTime:   torch_xla's `CompileTime` metric, its accumulated seconds so far.
 
-The first `--warmup` steps are untimed; steps/s is 1 / the median wall time of the next `--steps` steps.
+The first `--warmup` steps are untimed; steps/s is 1 / the median wall time of the next `--steps` steps
+("best step (s)": the fastest of them, the least disturbed when other processes share the cores).
 "compile step 1 (s)" is the first step's wall time minus that median; "compile warm-up (s)" sums that excess
-over the warm-up steps (the steady-state step graph is compiled at step 2: step 1's graph also creates
-AdamW's state). Peak RSS is the case process's ru_maxrss. The driver stops a case (SIGKILL to that process)
-when the machine's MemAvailable falls below --min-free-gb, so that the kernel's OOM killer never has to
-choose a process on a shared machine.
+over the warm-up steps. Three graphs are expected: step 1's (it also creates AdamW's state), the mean of
+the loss (`train_step` computes it after `step_done()`, so reading it runs a small graph of its own), and
+from step 2 on the steady step, which must then be the only one. Peak RSS is the case process's ru_maxrss.
+The driver stops a case (SIGKILL to that process) when the machine's MemAvailable falls below --min-free-gb,
+so that the kernel's OOM killer never has to choose a process on a shared machine.
 No persistent compilation cache is used (a worker's `xla_cache`), so every case compiles from nothing.
 
-    PJRT_DEVICE=CPU .venv-xla/bin/python -m benchmarks.bench_xla_train --out benchmarks/results/xla_train_cpu.json
+    PJRT_DEVICE=CPU .venv-xla/bin/python -m benchmarks.bench_xla_train --layers 1 --vocab 8192 \
+        --precisions fp32,bf16 --max-rss-gb 14 --out benchmarks/results/xla_train_cpu.json
+
+The defaults (2 layers, the 32k vocabulary) need more than 16 GB of host memory at L=4096 and batch 4.
 """
 
 from __future__ import annotations
@@ -49,8 +57,8 @@ import time
 from benchmarks.common import cpu_busy, print_table
 
 COLUMNS = ["arch", "devices", "precision", "layers", "vocab", "compile step 1 (s)", "compile warm-up (s)",
-           "CompileTime (s)", "step (s)", "steps/s", "tokens/s", "cpu/wall", "graphs after step 1",
-           "graphs after step 2", "graphs after last", "peak RSS (GB)", "loss"]
+           "CompileTime (s)", "step (s)", "best step (s)", "steps/s", "tokens/s", "cpu/wall", "cpu s/step",
+           "graphs after step 1", "graphs after step 2", "graphs after last", "peak RSS (GB)", "loss"]
 
 
 def run_case(args: argparse.Namespace) -> dict:
@@ -95,7 +103,7 @@ def run_case(args: argparse.Namespace) -> dict:
         xm.wait_device_ops()
         wall = time.perf_counter() - start
         cpu = time.process_time() - cpu0
-        steps.append({"step": step + 1, "wall_s": wall, "host_s": host, "cpu_over_wall": cpu / wall,
+        steps.append({"step": step + 1, "wall_s": wall, "host_s": host, "cpu_s": cpu, "cpu_over_wall": cpu / wall,
                       "graphs": metrics.counter_value("UncachedCompile") or 0, "compile_time_s": compile_seconds(),
                       "loss": loss.item(), "grad_norm": grad_norm.item(),
                       "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
@@ -111,9 +119,11 @@ def run_case(args: argparse.Namespace) -> dict:
         "compile step 1 (s)": steps[0]["wall_s"] - median,
         "compile warm-up (s)": sum(s["wall_s"] - median for s in steps[:args.warmup]),
         "CompileTime (s)": steps[-1]["compile_time_s"],
-        "CompileTime after step 1 (s)": steps[0]["compile_time_s"], "step (s)": median, "steps/s": 1 / median,
+        "CompileTime after step 1 (s)": steps[0]["compile_time_s"], "step (s)": median, "best step (s)": min(timed),
+        "steps/s": 1 / median,
         "tokens/s": tokens / median, "timed steps": len(timed),
         "cpu/wall": statistics.median(s["cpu_over_wall"] for s in steps[args.warmup:]),
+        "cpu s/step": statistics.median(s["cpu_s"] for s in steps[args.warmup:]),
         "graphs after step 1": steps[0]["graphs"], "graphs after step 2": steps[min(1, total - 1)]["graphs"],
         "graphs after last": steps[-1]["graphs"],
         "peak RSS (GB)": steps[-1]["rss_gb"], "loss": steps[-1]["loss"],
@@ -184,7 +194,8 @@ def source_state() -> dict:
         with open(path, "rb") as f:
             files[path] = hashlib.sha256(f.read()).hexdigest()[:12]
     # GSS_BENCH_COMMIT: the commit a copy of the tree outside git (e.g. `git archive`) was made from
-    return {"commit": git("rev-parse", "HEAD") or os.environ.get("GSS_BENCH_COMMIT", ""), "uncommitted": git("status", "--porcelain", "models", "pipeline"),
+    return {"commit": git("rev-parse", "HEAD") or os.environ.get("GSS_BENCH_COMMIT", ""),
+            "uncommitted": git("status", "--porcelain", "models", "pipeline"),
             "sha256": files}
 
 
