@@ -3,7 +3,9 @@
 (a) `ssm`: one models.ssm.DiagonalSSM layer (H=256 channels, N=512 modes, batch 1), forward +
     backward, with the "fft" kernel vs the "chunked" kernel at several chunk sizes, for L up to 64k.
     Lengths above --fwd-bwd-max are timed forward only (under no_grad) to bound the run time; the
-    table's `pass` column says which.
+    table's `pass` column says which. `others' CPU share` is the CPU time other processes took while
+    a case was timed (/proc/stat busy time less this process's own), as a share of all cores, the
+    most over the row's cases: near 0 means the row had the machine to itself.
 (b) `model`: whole-model forward + backward (next-token loss, no optimizer) of GSS vs Transformer at
     the paper's width (E=1024, F=4096, 16 heads, vocab 32000) with reduced depth, batch 1.
 
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from types import ModuleType
@@ -49,13 +53,22 @@ def top_ops(fn: Callable[[], None], k: int) -> list[tuple[str, float]]:
     return [(e.key, e.self_cpu_time_total / 1e3) for e in ops]
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine from /proc/stat, CPU seconds of this process)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    times = os.times()
+    return busy / os.sysconf("SC_CLK_TCK"), times.user + times.system
+
+
 def bench_ssm(args: argparse.Namespace, device: torch.device) -> list[dict]:
     DiagonalSSM = load_ssm(args.ssm_file).DiagonalSSM
     variants = [("fft", None)] + [("chunked", int(c)) for c in args.chunks.split(",")]
     rows = []
     for length in args.ssm_lengths:
         backward = length <= args.fwd_bwd_max
-        row = {"L": length, "pass": "fwd+bwd" if backward else "fwd"}
+        row = {"L": length, "pass": "fwd+bwd" if backward else "fwd", "others' CPU share": 0.0}
         u = torch.randn(1, length, args.channels, device=device, requires_grad=backward)
         grad = torch.randn_like(u)
         for kernel, chunk in variants:
@@ -68,14 +81,17 @@ def bench_ssm(args: argparse.Namespace, device: torch.device) -> list[dict]:
                 if backward:
                     y.backward(grad)
 
+            start, busy0, own0 = time.perf_counter(), *cpu_seconds()
             t = common.measure(run, device, args.warmup, args.reps, args.budget_s)
+            busy1, own1 = cpu_seconds()
+            others = ((busy1 - busy0) - (own1 - own0)) / ((time.perf_counter() - start) * os.cpu_count())
+            row["others' CPU share"] = max(row["others' CPU share"], others)
             row[f"{name} (ms)"] = t.median_s * 1e3
             print(f"ssm L={length} {name} {row['pass']}: {t.median_s * 1e3:.1f} ms (n={t.n})", flush=True)
             if args.profile:
                 row[f"{name} top ops"] = top_ops(run, args.profile)
                 print("  " + ", ".join(f"{op} {ms:.1f}" for op, ms in row[f"{name} top ops"]), flush=True)
         row["fastest"] = min((k for k in row if k.endswith("(ms)")), key=row.get).removesuffix(" (ms)")
-        row["cpu busy after"] = common.cpu_busy()  # other processes' load just after this row
         rows.append(row)
     return rows
 
@@ -129,7 +145,7 @@ def main() -> None:
         results["ssm"] = rows = bench_ssm(args, device)
         print(f"\n(a) DiagonalSSM H={args.channels} N={args.state_size}, batch 1, ms per call\n")
         times = [k for k in rows[0] if k.endswith("(ms)")]
-        common.print_table(rows, ["L", "pass", *times, "fastest", "cpu busy after"])
+        common.print_table(rows, ["L", "pass", *times, "fastest", "others' CPU share"])
     if "model" in args.part:
         results["model"] = rows = bench_model(args, device)
         print(f"\n(b) forward+backward, E=1024, GSS {args.gss_layers} layers "

@@ -132,6 +132,14 @@ def run_case(args: argparse.Namespace) -> dict:
     }
 
 
+def case_name(row: dict) -> str:
+    return f"{row['arch']}:{row['devices']}:{row['precision']}"
+
+
+def case_order(row: dict) -> tuple:
+    return row["precision"] != "fp32", row["arch"] != "gss", row["devices"]
+
+
 def read_kb(path: str, key: str) -> int:
     """A `key:  N kB` line of a /proc file, in kB (0 if absent)."""
     try:
@@ -215,6 +223,8 @@ def main() -> None:
                         help="stop a case when the machine's MemAvailable falls below this")
     parser.add_argument("--max-rss-gb", type=float, default=None, help="stop a case whose RSS grows past this")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--update", action="store_true",
+                        help="keep the cases of an existing --out that this run does not measure (e.g. to rerun some)")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # arch:devices:precision, in a child
     parser.add_argument("--case-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -224,7 +234,10 @@ def main() -> None:
             json.dump(run_case(args), f)
         return
 
-    rows, skipped = [], []
+    rows, skipped, earlier = [], [], {}
+    if args.update and args.out and os.path.exists(args.out):
+        with open(args.out) as f:
+            earlier = json.load(f)
     for precision in args.precisions.split(","):
         for arch in args.archs.split(","):
             for devices in map(int, args.devices.split(",")):
@@ -239,41 +252,51 @@ def main() -> None:
                     argv = [sys.executable, "-m", "benchmarks.bench_xla_train", *sys.argv[1:], "--case", case,
                             "--case-out", out.name]
                     start = time.perf_counter()
+                    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
                     why, peak_gb = watch(subprocess.Popen(argv, env=env), args)
                     if why:
                         skipped.append({"case": case, "why": why, "peak RSS sampled (GB)": peak_gb})
                         print(f"case {case} stopped: {why}", flush=True)
-                        write(args, rows, skipped)
+                        write(args, rows, skipped, earlier)
                         continue
                     with open(out.name) as f:
                         row = json.load(f)
-                row.update({"case wall (s)": time.perf_counter() - start, "peak RSS sampled (GB)": peak_gb,
-                            "cpu_busy before": busy_before,
+                row.update({"started": started, "case wall (s)": time.perf_counter() - start,
+                            "peak RSS sampled (GB)": peak_gb, "cpu_busy before": busy_before,
                             "loadavg before": load_before, "loadavg after": os.getloadavg()})
                 rows.append(row)
-                write(args, rows, skipped)
+                write(args, rows, skipped, earlier)
     busy_after = cpu_busy(2.0)
-    write(args, rows, skipped, busy_after)
+    write(args, rows, skipped, earlier, busy_after)
     print_table(rows, COLUMNS)
     for s in skipped:
         print(f"skipped {s['case']}: {s['why']}")
 
 
-def write(args: argparse.Namespace, rows: list[dict], skipped: list[dict], busy_after: float | None = None) -> None:
-    """The JSON record so far to --out (after every case, so that a stopped run keeps what it measured)."""
+def write(args: argparse.Namespace, rows: list[dict], skipped: list[dict], earlier: dict,
+          busy_after: float | None = None) -> None:
+    """The JSON record so far to --out (after every case, so that a stopped run keeps what it measured); with
+    --update, the cases of the earlier record that this run did not measure are kept (commands lists both)."""
     if not args.out:
         return
+    command = " ".join(["PJRT_DEVICE=CPU", "python", "-m", "benchmarks.bench_xla_train", *sys.argv[1:]])
+    done = {case_name(r) for r in rows} | {s["case"] for s in skipped}
+    kept = [r for r in earlier.get("results", []) if case_name(r) not in done]
+    kept_skipped = [s for s in earlier.get("skipped", []) if s["case"] not in done]
+    commands = earlier.get("commands", [earlier["command"]] if "command" in earlier else [])
     from importlib.metadata import version  # not importing torch_xla here: the cases run beside this process
 
     record = {
-        "command": " ".join(["PJRT_DEVICE=CPU", "python", "-m", "benchmarks.bench_xla_train", *sys.argv[1:]]),
+        "commands": commands + [command],
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": f"torch_xla CPU runtime (PJRT_DEVICE=CPU), {platform.processor() or platform.machine()}, "
                   f"{os.cpu_count()} cores, {read_kb('/proc/meminfo', 'MemTotal') / 2**20:.0f} GB RAM, "
                   f"torch {version('torch')}, torch_xla {version('torch_xla')}",
-        "args": vars(args), "cpu_busy after": busy_after, "source": source_state(), "results": rows,
-        "skipped": skipped,
+        "args": vars(args), "cpu_busy after": busy_after, "source": source_state(),
+        "results": sorted(kept + rows, key=case_order), "skipped": kept_skipped + skipped,
     }
+    if kept and earlier.get("source") != record["source"]:
+        record["earlier source"] = earlier.get("source")
     with open(args.out, "w") as f:
         json.dump(record, f, indent=2)
     print(f"wrote {args.out}", flush=True)
