@@ -74,7 +74,7 @@ def run_case(args: argparse.Namespace) -> dict:
     from models import PRESETS, build_model
     from pipeline.backends import make_backend
     from pipeline.config import TrainConfig
-    from pipeline.train import learning_rate, make_optimizer, train_step
+    from pipeline.train import learning_rate, make_optimizer, no_weight_decay, train_step
 
     arch, devices, precision = args.case.split(":")
     total = args.warmup + args.steps
@@ -84,8 +84,9 @@ def run_case(args: argparse.Namespace) -> dict:
     cfg = replace(PRESETS[f"paper-{arch}"], n_layers=args.layers, ssm_kernel="chunked", vocab_size=args.vocab)
     torch.manual_seed(tc.seed)
     model = build_model(cfg).to(backend.device)
-    optimizer = make_optimizer(model, tc)
+    undecayed = no_weight_decay(model)
     model = backend.wrap(model, tc)
+    optimizer = make_optimizer(model, tc, undecayed)
     data = torch.Generator().manual_seed(1)
 
     def compile_seconds() -> float:

@@ -1,4 +1,4 @@
-"""Where a training worker runs its model: CPU (gloo DDP), CUDA (NCCL; DDP or FSDP2) or PyTorch/XLA.
+"""Where a training worker runs its model: CPU (gloo) or CUDA (NCCL), each with DDP or FSDP2, or PyTorch/XLA.
 
 The model code knows none of this; the training loop asks its `Backend` for a device, wraps the model,
 and calls `step_done()` after each optimizer step (XLA cuts and runs its graph there).
@@ -31,7 +31,19 @@ class Backend:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def wrap(self, model: nn.Module, cfg: TrainConfig) -> nn.Module:
-        return model
+        """FSDP2 (`train.fsdp`: every block, then the whole model, sharded over the workers) or DDP over several
+        workers, then torch.compile (`train.compile`). The same on cpu (gloo) as on cuda (NCCL), so that the
+        tests run the code GPU nodes run. Build the optimizer after this: fully_shard makes new Parameters."""
+        if cfg.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.blocks:
+                fully_shard(block)
+            fully_shard(model)
+        elif dist.is_initialized() and dist.get_world_size() > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        return torch.compile(model) if cfg.compile else model
 
     def to_device(self, batch: torch.Tensor) -> torch.Tensor:
         return batch.to(self.device)
@@ -68,26 +80,6 @@ class Backend:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU/XLA host: peak RSS
 
 
-class CPUBackend(Backend):
-    def wrap(self, model: nn.Module, cfg: TrainConfig) -> nn.Module:
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            return nn.parallel.DistributedDataParallel(model)
-        return model
-
-
-class CUDABackend(Backend):
-    def wrap(self, model: nn.Module, cfg: TrainConfig) -> nn.Module:
-        if cfg.fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            for block in model.blocks:
-                fully_shard(block)
-            fully_shard(model)
-        elif dist.is_initialized() and dist.get_world_size() > 1:
-            model = nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index])
-        return torch.compile(model) if cfg.compile else model
-
-
 class XLABackend(Backend):
     """One worker per TPU host; torch_xla SPMD runs one program over every device of every host.
 
@@ -105,6 +97,9 @@ class XLABackend(Backend):
         devices = xr.global_runtime_device_count()
         mesh = xs.Mesh(np.arange(devices), (devices, 1), ("data", "model"))
         return xs.ShardingSpec(mesh, ("data", None), minibatch=True)
+
+    def wrap(self, model: nn.Module, cfg: TrainConfig) -> nn.Module:
+        return model  # SPMD: one program over every device; the input's sharding says how the batch is split
 
     def to_device(self, batch: torch.Tensor) -> torch.Tensor:
         import torch_xla.core.xla_model as xm
@@ -159,13 +154,13 @@ def xla_cache_dir(root: str) -> str:
 def make_backend(cfg: TrainConfig, xla_cache: str = "") -> Backend:
     """The worker's backend; `xla_cache`: where compiled XLA programs persist (a restart compiles nothing again)."""
     if cfg.backend == "cpu":
-        return CPUBackend("cpu", torch.device("cpu"), _dtype(cfg, accelerator=False))
+        return Backend("cpu", torch.device("cpu"), _dtype(cfg, accelerator=False))
     if cfg.backend == "cuda":
         import ray.train.torch
 
         device = ray.train.torch.get_device()
         torch.cuda.set_device(device)
-        return CUDABackend("cuda", device, _dtype(cfg, accelerator=True))
+        return Backend("cuda", device, _dtype(cfg, accelerator=True))
     if cfg.backend == "xla":
         import torch_xla
         import torch_xla.runtime as xr

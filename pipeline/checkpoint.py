@@ -1,10 +1,13 @@
 """Checkpoints: what a training step leaves behind, how it is written, when, and how it is read back.
 
-A checkpoint is one folder holding `state.pt`: the model and optimizer state, the step (which is also the
-data position and the learning-rate schedule's state, see `pipeline.dataset.TrainRows`), the RNG state and
-the model config, so that `gss eval` can load a checkpoint folder on its own. The folder is handed to Ray
-Train (`ray.train.report`), which copies it into the run's storage (local or gs://) and registers it only
-once it is complete; `load` reads with `weights_only=True`.
+A checkpoint is one folder holding `state.pt`: the model's full weights, the step (which is also the data
+position and the learning-rate schedule's state, see `pipeline.dataset.TrainRows`), the RNG state and the
+model config, so that `gss eval` and the MLflow registration load a checkpoint folder on its own; and the
+optimizer state, in `state.pt` too, or, for a model sharded with FSDP2 (`train.fsdp`), model and optimizer
+in `shards/`, a `torch.distributed.checkpoint` folder to which every rank writes its own shard (it reloads
+onto any number of workers, sharded or not). Every rank hands its folder to Ray Train (`ray.train.report`),
+which copies them into one folder of the run's storage (local or gs://) and registers it only once every
+rank's part is there; `load` reads with `weights_only=True`.
 
 When: every `train.checkpoint_every` steps, every `train.checkpoint_minutes` minutes, at the last step, and at
 the first step after a worker is told to go (a SIGTERM, e.g. a Spot VM's preemption, or Ray Train's own
@@ -27,22 +30,64 @@ import torch.distributed as dist
 from pipeline.storage import filesystem, join
 
 STATE = "state.pt"
+SHARDS = "shards"
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside torch.compile and DDP wrappers."""
+    """The model inside torch.compile and DDP wrappers (an FSDP2 model is its own module)."""
     model = getattr(model, "_orig_mod", model)  # torch.compile
     return getattr(model, "module", model)  # DDP
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(unwrap(model), FSDPModule)
+
+
 def save(folder: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-         model_config: dict[str, Any]) -> None:
-    """Write `folder/state.pt` under a temporary name first, so a reader never sees half a file."""
-    state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-             "rng": torch.get_rng_state(), "model_config": model_config}
-    tmp = os.path.join(folder, STATE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, os.path.join(folder, STATE))
+         model_config: dict[str, Any], rank: int) -> None:
+    """Write this rank's part of the checkpoint into `folder` (every rank calls it). Rank 0 writes `state.pt`
+    under a temporary name first, so a reader never sees half a file; a sharded model's ranks also write their
+    shards, and gather the full weights onto rank 0's CPU for `state.pt`."""
+    state = {"step": step, "rng": torch.get_rng_state(), "model_config": model_config}
+    if is_sharded(model):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+        model_state, optimizer_state = get_state_dict(unwrap(model), optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=os.path.join(folder, SHARDS))
+        state["model"] = get_model_state_dict(unwrap(model),
+                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    elif rank == 0:
+        state.update(model=unwrap(model).state_dict(), optimizer=optimizer.state_dict())
+    if rank == 0:
+        tmp = os.path.join(folder, STATE + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, os.path.join(folder, STATE))
+
+
+def restore(folder: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load a checkpoint folder into model and optimizer, as they are after `Backend.wrap`; returns its state.
+    Shards go through `torch.distributed.checkpoint`, which reshards them for this run's workers."""
+    state = load(folder)
+    shards = os.path.join(folder, SHARDS)
+    if os.path.isdir(shards):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optimizer_state = get_state_dict(unwrap(model), optimizer)
+        loaded = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(loaded, checkpoint_id=shards)
+        set_state_dict(unwrap(model), optimizer, model_state_dict=loaded["model"],
+                       optim_state_dict=loaded["optimizer"])
+    elif is_sharded(model):
+        raise ValueError(f"{folder} was written without train.fsdp (one file, no shards): resume it with "
+                         "train.fsdp=false, or start a new run name")
+    else:
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    return state
 
 
 def load(folder: str) -> dict[str, Any]:
@@ -104,8 +149,9 @@ class Checkpointer:
     at the first step after any worker got a SIGTERM (then every rank stops, see `Stopped`) or Ray Train's
     preemption notice (then training goes on until the node is taken; Ray Train restarts the group itself and
     counts that against `FailureConfig.max_preemption_failures`). Every rank calls `should_save` once per step
-    and `save` at the steps it says (Ray Train's report is collective); rank 0 writes the state. The ranks
-    agree through one MAX all-reduce of three CPU ints per step over gloo: no device sync.
+    and `save` at the steps it says (Ray Train's report is collective). The ranks
+    agree through one MAX all-reduce of three CPU ints per step over gloo: no device sync. Rank 0 writes the
+    state; under FSDP2 every rank writes its shard too (see `save`).
 
     The SIGTERM handler only sets `STOP`: it runs on the worker process's main thread, while Ray Train runs the
     train function, and so this, in a thread of its own.
@@ -129,9 +175,7 @@ class Checkpointer:
         if not checkpoint:
             return 0
         with checkpoint.as_directory() as folder:
-            state = load(folder)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+            state = restore(folder, model, optimizer)
         torch.set_rng_state(state["rng"])
         if self.rank == 0:
             print(f"resumed from {checkpoint.path} at step {state['step']}", flush=True)
@@ -157,9 +201,8 @@ class Checkpointer:
         import ray.train
 
         with tempfile.TemporaryDirectory() as folder:
-            if self.rank == 0:
-                save(folder, model, optimizer, step, self.model_config)
-            checkpoint = ray.train.Checkpoint.from_directory(folder) if self.rank == 0 else None
+            save(folder, model, optimizer, step, self.model_config, self.rank)
+            checkpoint = ray.train.Checkpoint.from_directory(folder) if os.listdir(folder) else None
             ray.train.report({"step": step, **metrics}, checkpoint=checkpoint)
         self.timer.saved()
         if self.stopping and step < self.last_step:

@@ -177,9 +177,9 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto (bf16 autocast on cuda/xla, fp32 on cpu) | bf16 | fp32."""
     compile: bool = False
-    """cuda: torch.compile the model."""
+    """torch.compile the model (cpu, cuda)."""
     fsdp: bool = False
-    """cuda: FSDP2 (fully_shard per block) instead of DDP."""
+    """FSDP2 (fully_shard per block) instead of DDP (cpu, cuda); checkpoints are then sharded."""
     eval_every: Positive = 50
     eval_windows: Positive = 16
     """Validation windows of seq_len inputs (seq_len + 1 tokens), split over the workers; whole micro-batches
@@ -291,8 +291,8 @@ def check_run(cfg: RunConfig) -> None:
     model_config(cfg, cfg.data.tokenizer.vocab_size)  # the dataset's tokenizer may have fewer pieces: a stand-in
     batch_layout(cfg.train, cfg.data.pack.seq_len)
     for option in ("compile", "fsdp"):
-        if getattr(cfg.train, option) and cfg.train.backend != "cuda":
-            raise ConfigError(f"train.{option}=true: only with train.backend=cuda (not {cfg.train.backend})")
+        if getattr(cfg.train, option) and cfg.train.backend == "xla":
+            raise ConfigError(f"train.{option}=true: not with train.backend=xla (SPMD shards the batch; XLA compiles)")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 
 from models import ModelConfig, build_model
 from pipeline import checkpoint
@@ -57,12 +58,19 @@ def learning_rate(step: int, tc: TrainConfig) -> float:
     return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
-    """AdamW. Matrices decay; vectors (norms, biases) and parameters marked `_no_weight_decay` (the SSM's
-    Λ, C and D, as in Mamba and the official DSS code) do not."""
+def no_weight_decay(model: torch.nn.Module) -> set[str]:
+    """Names of the parameters AdamW leaves undecayed: vectors (norms, biases) and parameters marked
+    `_no_weight_decay` (the SSM's Λ, C and D, as in Mamba and the official DSS code). Read it before
+    `Backend.wrap`: fully_shard replaces the Parameters, marks and all; the names stay."""
+    return {name for name, p in checkpoint.unwrap(model).named_parameters()
+            if p.dim() < 2 or getattr(p, "_no_weight_decay", False)}
+
+
+def make_optimizer(model: torch.nn.Module, tc: TrainConfig, undecayed: set[str]) -> torch.optim.AdamW:
+    """AdamW over the model's parameters as they are now (after `Backend.wrap`); `undecayed` from `no_weight_decay`."""
     decay, no_decay = [], []
-    for p in model.parameters():
-        (decay if p.dim() >= 2 and not getattr(p, "_no_weight_decay", False) else no_decay).append(p)
+    for name, p in checkpoint.unwrap(model).named_parameters():
+        (no_decay if name in undecayed else decay).append(p)
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas))
 
@@ -111,10 +119,13 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, backend
             (loss / accumulation).backward()
         losses.append(loss.detach())
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if isinstance(grad_norm, DTensor):  # FSDP2: the norm over every rank's shards
+        grad_norm = grad_norm.full_tensor()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    loss = torch.stack(losses).mean()  # before step_done: in the step's XLA graph, not one of its own
     backend.step_done()
-    return torch.stack(losses).mean(), grad_norm
+    return loss, grad_norm
 
 
 class Validator:
@@ -210,11 +221,12 @@ def train_loop(payload: dict[str, Any]) -> None:
     backend = make_backend(tc, payload["xla_cache"])
     torch.manual_seed(tc.seed)
     model = build_model(ModelConfig(**payload["model"])).to(backend.device)
-    optimizer = make_optimizer(model, tc)
+    undecayed = no_weight_decay(model)
+    model = backend.wrap(model, tc)
+    optimizer = make_optimizer(model, tc, undecayed)
     checkpointer = checkpoint.Checkpointer(tc.checkpoint_every, tc.steps, rank, payload["model"],
                                            minutes=tc.checkpoint_minutes)
     step = checkpointer.restore(model, optimizer)
-    model = backend.wrap(model, tc)
     batches = StepBatches(payload["dataset"], tc, rank, backend)
     validator = Validator(payload["dataset"], tc, backend, rank, world, batches.seq_len)
     metrics = MetricsLogger(tc, backend, batches.step_rows * batches.seq_len, step,

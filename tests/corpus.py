@@ -1,10 +1,16 @@
-"""Small generated corpora in the real datasets' layouts, the shared samples when they are there, run configs."""
+"""Small generated corpora in the real datasets' layouts, the shared samples when they are there, run configs,
+and training jobs run on them."""
 
 from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -88,3 +94,49 @@ def as_overrides(tree: dict, prefix: str = "") -> list[str]:
         else:
             out.append(f"{prefix}{key}={yaml.safe_dump(value, default_flow_style=True).strip()}")
     return out
+
+
+def prepared(root: Path, counts=(10, 2, 2), words=(2000, 5000)) -> Path:
+    """`root`/corpus, a generated PG-19, prepared by `gss prepare` into `root`/out (the run name "base")."""
+    from pipeline.config import load_config
+    from pipeline.prepare import prepare
+
+    write_pg19(root / "corpus", counts=counts, words=words)
+    prepare(load_config(None, as_overrides(run_config(root / "out", root / "corpus", "base"))))
+    return root
+
+
+def start_train(tree: dict) -> subprocess.Popen:
+    """`gss train` with the config `tree` as a separate driver process on this test session's Ray cluster."""
+    import ray
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # set by earlier tests' mlflow
+    env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    return subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", *as_overrides(tree)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(job: subprocess.Popen, ready: Callable[[], bool], what: str, seconds: float = 240) -> None:
+    """Wait until `ready()`, failing if the job ends first (or after `seconds`)."""
+    deadline = time.time() + seconds
+    while not ready():
+        assert job.poll() is None, f"the job ended before {what}: {job.communicate()[0][-3000:]}"
+        assert time.time() < deadline, f"no {what} after {seconds} s"
+        time.sleep(0.05)
+
+
+def train_run(root: Path, name: str):
+    """The one MLflow run of training run `name` under `root`/out."""
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'out' / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["gss"], filter_string=f"tags.`gss.train_name` = '{name}'",
+                              output_format="list")
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def metric_steps(run, key: str) -> dict[int, float]:
+    import mlflow
+
+    return {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, key)}

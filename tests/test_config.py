@@ -71,7 +71,8 @@ BAD = [
     ("data.num_actors=-1", "data.num_actors=-1: must be at least 0"),
     ("train.backend=tpu", "train.backend='tpu': must be one of cpu, cuda, xla"),
     ("train.precision=fp16", "train.precision='fp16': must be one of auto, bf16, fp32"),
-    ("train.fsdp=true", "train.fsdp=true: only with train.backend=cuda"),
+    (("train.backend=xla", "train.fsdp=true"), "train.fsdp=true: not with train.backend=xla"),
+    (("train.backend=xla", "train.compile=true"), "train.compile=true: not with train.backend=xla"),
     ("train.preset=nope", "train.preset='nope': must be one of paper-gss, "),
     ("train.model.nope=1", "unknown config key 'train.model.nope'; allowed here: arch, d_model,"),
     ("train.model.ssm_kernal=chunked", "unknown config key 'train.model.ssm_kernal' (did you mean 'ssm_kernel'?)"),
@@ -114,10 +115,10 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize(("override", "message"), BAD, ids=[override for override, _ in BAD])
+@pytest.mark.parametrize(("override", "message"), BAD, ids=[" ".join(o) if isinstance(o, tuple) else o for o, _ in BAD])
 def test_a_bad_value_is_one_line_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)) as error:
-        load_config(LOCAL, [override])
+        load_config(LOCAL, list(override) if isinstance(override, tuple) else [override])
     assert "\n" not in str(error.value)
 
 

@@ -3,43 +3,28 @@ time-based checkpoint interval (`train.checkpoint_minutes`)."""
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
 from pipeline.checkpoint import NOTICE_POLL_S, Timer, read
 from pipeline.config import ConfigError, load_config
-from pipeline.prepare import prepare
-from tests.corpus import as_overrides, run_config, write_pg19
+from tests.corpus import as_overrides, metric_steps, prepared, run_config, start_train, train_run, wait_for
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, ray_cluster):
-    root = tmp_path_factory.mktemp("preemption")
-    write_pg19(root / "corpus", counts=(6, 2, 2), words=(2000, 4000))
-    prepare(load_config(None, as_overrides(run_config(root / "out", root / "corpus", "base"))))
-    return root
+    return prepared(tmp_path_factory.mktemp("preemption"), counts=(6, 2, 2), words=(2000, 4000))
 
 
 def test_a_sigterm_checkpoints_the_current_step_and_the_run_resumes_there_in_the_same_mlflow_run(corpus):
-    import mlflow
-    import ray
-
     # step-based checkpoints at 60 and 119 (the last) only: the one a SIGTERM after step 60 asks for is neither
-    tree = run_config(corpus / "out", corpus / "corpus", "spot", steps=119, checkpoint_every=60, eval_every=1000,
-                      keep_checkpoints=10)
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # set by earlier tests' mlflow
-    env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    job = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", *as_overrides(tree)], env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    job = start_train(run_config(corpus / "out", corpus / "corpus", "spot", steps=119, checkpoint_every=60,
+                                 eval_every=1000, keep_checkpoints=10))
     run_dir = corpus / "out" / "train" / "spot"
     pid_file = run_dir / "workers" / "rank-1.pid"
-    deadline = time.time() + 120
-    while not (pid_file.exists() and any(run_dir.glob("checkpoint_*/state.pt"))):  # rank 0 uploads at step 60
-        assert job.poll() is None and time.time() < deadline, "training ended before a checkpoint was written"
-        time.sleep(0.05)
+    wait_for(job, lambda: pid_file.exists() and any(run_dir.glob("checkpoint_*/state.pt")),  # rank 0's at step 60
+             "a checkpoint", seconds=120)
     os.kill(int(pid_file.read_text()), signal.SIGTERM)
     output, _ = job.communicate(timeout=180)
     assert job.returncode == 0, output[-3000:]
@@ -49,14 +34,10 @@ def test_a_sigterm_checkpoints_the_current_step_and_the_run_resumes_there_in_the
     assert steps[0] == 60 and steps[-1] == 119 and len(preempted) == 1, steps
     assert f"[train] resumed from the checkpoint at step {preempted[0]}" in output, output[-5000:]
 
-    mlflow.set_tracking_uri(f"sqlite:///{corpus / 'out' / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["gss"], filter_string="tags.`gss.train_name` = 'spot'",
-                              output_format="list")
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    client = mlflow.MlflowClient()
-    assert max(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")) == 119
+    run = train_run(corpus, "spot")
+    assert run.info.status == "FINISHED" and max(metric_steps(run, "loss")) == 119
     # the restart starts at the step the SIGTERM'd worker saved: no step is lost, none trained twice
-    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "resumed_at_step")] == preempted
+    assert list(metric_steps(run, "resumed_at_step")) == preempted
 
 
 def test_checkpoint_minutes_checkpoints_between_the_step_based_ones(corpus):

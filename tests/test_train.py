@@ -2,9 +2,6 @@
 
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -13,19 +10,14 @@ import torch
 from models import build_model
 from pipeline.config import TrainConfig, load_config
 from pipeline.dataset import TrainRows, dataset_dir
-from pipeline.prepare import prepare
-from pipeline.train import TrainingError, learning_rate, make_optimizer, train_stage
-from tests.corpus import as_overrides, run_config, write_pg19
+from pipeline.train import TrainingError, learning_rate, make_optimizer, no_weight_decay, train_stage
+from tests.corpus import as_overrides, metric_steps, prepared, run_config, start_train, train_run, wait_for
 from tests.tiny import tiny_config
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, ray_cluster):
-    root = tmp_path_factory.mktemp("train")
-    write_pg19(root / "corpus", counts=(10, 2, 2), words=(2000, 5000))
-    tree = run_config(root / "out", root / "corpus", "base")
-    prepare(load_config(None, as_overrides(tree)))
-    return root
+    return prepared(tmp_path_factory.mktemp("train"))
 
 
 def test_schedule():
@@ -37,7 +29,7 @@ def test_schedule():
 @pytest.mark.parametrize("arch", ["gss", "dss", "hybrid"])
 def test_the_ssm_parameters_and_vectors_get_no_weight_decay(arch):
     model = build_model(tiny_config(arch))
-    decay, no_decay = (group["params"] for group in make_optimizer(model, TrainConfig(weight_decay=0.1)).param_groups)
+    decay, no_decay = (group["params"] for group in make_optimizer(model, TrainConfig(weight_decay=0.1), no_weight_decay(model)).param_groups)
     names = {id(p): name for name, p in model.named_parameters()}
     ssm = {name for name, _ in model.named_parameters() if ".ssm." in name}
     assert ssm and ssm <= {names[id(p)] for p in no_decay}  # Λ, C and D, matrices or not
@@ -66,11 +58,11 @@ def test_the_hosts_load_together_exactly_the_global_batch_of_one_host(corpus, wo
     """Multi-host SPMD (torch_xla 2.9's CPU runtime cannot run two processes as one: each sees only its own
     devices), shown on the rows instead: at every step the workers' micro-batches are, together, the rows one
     worker loads for the same global batch; a resume at step k needs nothing but k."""
-    from pipeline.backends import CPUBackend
+    from pipeline.backends import Backend
     from pipeline.train import StepBatches
 
     dataset = dataset_dir(load_config(None, as_overrides(run_config(corpus / "out", corpus / "corpus", "base"))))
-    host = CPUBackend("cpu", torch.device("cpu"), None)
+    host = Backend("cpu", torch.device("cpu"), None)
 
     def loaded(num_workers: int, rank: int, step: int) -> list[bytes]:
         tc = TrainConfig(global_batch_tokens=16 * 64, num_workers=num_workers, micro_batch=2, seed=5)
@@ -107,33 +99,20 @@ def test_two_workers_train_and_mlflow_has_run_params_metrics_and_model(corpus):
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint_in_the_same_mlflow_run(corpus):
-    import mlflow
-    import ray
-
-    tree = run_config(corpus / "out", corpus / "corpus", "fault", steps=300, checkpoint_every=20, eval_every=100)
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # set by earlier tests' mlflow
-    env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    job = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", *as_overrides(tree)], env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    job = start_train(run_config(corpus / "out", corpus / "corpus", "fault", steps=300, checkpoint_every=20,
+                                 eval_every=100))
     run_dir = corpus / "out" / "train" / "fault"
-    deadline = time.time() + 240
     # the controller registers a reported checkpoint asynchronously; its snapshot file says it has one
-    while not ((run_dir / "checkpoint_manager_snapshot.json").exists() and (run_dir / "workers" / "rank-1.pid").exists()):
-        assert job.poll() is None and time.time() < deadline, "training ended before a checkpoint was written"
-        time.sleep(0.2)
+    wait_for(job, lambda: (run_dir / "checkpoint_manager_snapshot.json").exists()
+             and (run_dir / "workers" / "rank-1.pid").exists(), "a checkpoint")
     os.kill(int((run_dir / "workers" / "rank-1.pid").read_text()), signal.SIGKILL)
     output, _ = job.communicate(timeout=300)
     assert job.returncode == 0, output[-3000:]
     assert "[train] resumed from the checkpoint at step" in output, output[-5000:]
 
-    mlflow.set_tracking_uri(f"sqlite:///{corpus / 'out' / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["gss"], filter_string="tags.`gss.train_name` = 'fault'",
-                              output_format="list")
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    client = mlflow.MlflowClient()
-    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
-    assert max(steps) == 300
-    resumed = [m.step for m in client.get_metric_history(runs[0].info.run_id, "resumed_at_step")]
+    run = train_run(corpus, "fault")
+    assert run.info.status == "FINISHED" and max(metric_steps(run, "loss")) == 300
+    resumed = list(metric_steps(run, "resumed_at_step"))
     assert resumed and resumed[0] % 20 == 0  # from a checkpoint
 
 

@@ -17,7 +17,7 @@ from models import build_model
 from pipeline import checkpoint
 from pipeline.backends import make_backend
 from pipeline.config import TrainConfig
-from pipeline.train import learning_rate, make_optimizer, train_step
+from pipeline.train import learning_rate, make_optimizer, no_weight_decay, train_step
 from tests.tiny import tiny_config
 
 STEPS, ROWS, LENGTH = 6, 8, 64
@@ -26,7 +26,7 @@ STEPS, ROWS, LENGTH = 6, 8, 64
 def fresh(tc: TrainConfig, device: torch.device):
     torch.manual_seed(0)
     model = build_model(tiny_config("gss", ssm_kernel="chunked", ssm_chunk=16)).to(device)
-    return model, make_optimizer(model, tc)
+    return model, make_optimizer(model, tc, no_weight_decay(model))
 
 
 def main(out: str, resume_at: int = 0) -> None:
@@ -42,11 +42,9 @@ def main(out: str, resume_at: int = 0) -> None:
     for step, rows in enumerate(batches):
         if step == resume_at and resume_at:
             with tempfile.TemporaryDirectory() as folder:
-                checkpoint.save(folder, model, optimizer, step, {})
+                checkpoint.save(folder, model, optimizer, step, {}, rank=0)
                 model, optimizer = fresh(tc, backend.device)
-                state = checkpoint.load(folder)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+                checkpoint.restore(folder, model, optimizer)
         batch = backend.to_device(rows)
         sharding = torch_xla._XLAC._get_xla_sharding_spec(batch)
         loss, _ = train_step(model, optimizer, backend, iter([batch]), 1, learning_rate(step, tc), tc.grad_clip)
