@@ -1,10 +1,14 @@
 """FSDP2 on two CPU workers (gloo): the code GPU nodes run with `train.fsdp`, its sharded checkpoints (resumed
 after a killed worker, and on another number of workers), and the full model it registers in MLflow; bf16
-autocast and torch.compile on the CPU."""
+autocast and torch.compile on the CPU; the CPU twins of benchmarks/gpu.sh."""
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -139,3 +143,26 @@ def test_bf16_autocast_and_torch_compile_train_on_the_cpu(option):
             checkpoint.restore(folder, fresh, make_optimizer(fresh, on, no_weight_decay(fresh)))
         assert_same_weights(fresh.state_dict(), checkpoint.unwrap(model).state_dict(), rtol=0, atol=0)
 
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_fsdp_smoke_benchmark_restores_its_shards_on_two_cpu_processes(tmp_path):
+    """The CPU twin of benchmarks/gpu.sh's FSDP2 step: the same script under torchrun, gloo instead of NCCL."""
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+         "benchmarks.bench_fsdp", "--device", "cpu", "--preset", "small-gss", "--layers", "2", "--length", "64",
+         "--vocab", "500", "--out", str(tmp_path / "fsdp.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "fsdp.json").read_text())["results"]["checkpoint"][0]
+    assert summary["world size"] == 2 and summary["same"], summary
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here: the script would run")
+def test_the_gpu_benchmark_script_refuses_to_run_without_cuda(tmp_path):
+    result = subprocess.run(["bash", "benchmarks/gpu.sh", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
+                            text=True, env={**os.environ, "PYTHON": sys.executable}, timeout=120)
+    assert result.returncode != 0 and "gpu.sh: no CUDA device" in result.stderr, result
+    assert not (tmp_path / "out").exists()

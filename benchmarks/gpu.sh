@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU benchmarks in one command, on one H100 or H200, in under 8 minutes; JSON (and a log) into OUT_DIR:
+#
+#   benchmarks/gpu.sh OUT_DIR
+#
+#   presets.json      train steps of paper-gss, paper-dss, paper-gss-hybrid, paper-transformer at L=4096, bf16:
+#                     tokens/s and MFU (model FLOPs: BENCHMARKS.md, "Model FLOPs per token")
+#   ssm_kernels.json  the SSM layer's fwd+bwd, fft against chunked (128, 256), L = 4k..64k
+#   decoding.json     recurrent decoding ms/token of paper-gss at 1k..64k context, against recomputing
+#   fsdp.json         a 2-step FSDP2 run of paper-gss through the worker's code, a sharded checkpoint, a restore
+#
+# PYTHON picks the interpreter (default: .venv/bin/python if there, else python3); PEAK_TFLOPS the dense bf16
+# peak for MFU (default 989, H100 SXM; the H200 has the same). Fails, and writes nothing, without CUDA.
+set -euo pipefail
+out=${1:?usage: benchmarks/gpu.sh OUT_DIR}
+cd "$(dirname "$0")/.."
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+peak=${PEAK_TFLOPS:-989}
+"$PYTHON" -c '
+import sys, torch
+if not torch.cuda.is_available():
+    sys.exit(f"benchmarks/gpu.sh: no CUDA device (torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
+             "run it on a GPU node with a CUDA build of torch")
+print(torch.cuda.get_device_name(), "torch", torch.__version__)'
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+bench() { echo "== $*"; "$PYTHON" -m "$@"; }
+{
+  bench benchmarks.bench_presets --device cuda --dtype bf16 --length 4096 --batch 8 --reps 10 \
+    --peak-tflops "$peak" --out "$out/presets.json"
+  bench benchmarks.bench_kernels --device cuda --part ssm --ssm-lengths 4k,8k,16k,32k,64k --fwd-bwd-max 64k \
+    --chunks 128,256 --reps 10 --out "$out/ssm_kernels.json"
+  bench benchmarks.bench_decoding --device cuda --dtype bf16 --preset paper-gss --contexts 1k,4k,16k,64k \
+    --step-reps 100 --peak-tflops "$peak" --out "$out/decoding.json"
+  bench benchmarks.bench_fsdp --device cuda --dtype bf16 --preset paper-gss --steps 2 --out "$out/fsdp.json"
+} 2>&1 | tee "$out/gpu.log"
