@@ -209,8 +209,11 @@ class EvalConfig:
     """A checkpoint folder or an MLflow model URI; empty: models:/<registered name>@current."""
     piece_tokens: Positive = 2048
     """A window is run in pieces of this many tokens, the state carried between them."""
-    batch_size: Positive = 4
-    """Windows per forward pass."""
+    batch_tokens: Positive = 16384
+    """Tokens per batch of windows of one length (at least one window): what a scorer runs at once."""
+    num_workers: NonNegative = 0
+    """Scorer actors, each holding what a training worker holds (train.worker_resources but TPUs, a GPU with
+    train.backend cuda, else a CPU) and the model, loaded once; 0: train.num_workers."""
     max_documents: NonNegative = 0
     """Score only the first n documents of each split; 0 = all."""
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -19,6 +19,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -48,35 +49,114 @@ class LoadedModel:
 # ---------------------------------------------------------------------------------------------------
 # Scoring
 
+Window = tuple[int, int, int]  # (document, start, size)
+
+
+def token_batches(doc_lengths: list[int], length: int, batch_tokens: int) -> list[list[Window]]:
+    """Every document's consecutive windows of `length`, in batches of one window size holding at most
+    `batch_tokens` tokens (at least one window each), longest windows first."""
+    windows = sorted(((d, start, min(length, n - start)) for d, n in enumerate(doc_lengths)
+                      for start in range(0, n, length)), key=lambda w: -w[2])
+    batches = []
+    for size, same in itertools.groupby(windows, key=lambda w: w[2]):
+        same, per_batch = list(same), max(1, batch_tokens // size)
+        batches += [same[i: i + per_batch] for i in range(0, len(same), per_batch)]
+    return batches
+
+
+def window_arrays(docs: list[np.ndarray], eod_id: int, batch: list[Window]) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, targets) [len(batch), size] of a batch: every token is predicted, the first from end-of-document."""
+    inputs = [np.concatenate([[eod_id], docs[d][: size - 1]]) if s == 0 else docs[d][s - 1: s + size - 1]
+              for d, s, size in batch]
+    return np.stack(inputs).astype(np.int64), np.stack([docs[d][s: s + size] for d, s, size in batch]).astype(np.int64)
+
 
 @torch.no_grad()
+def score_windows(model: LanguageModel, inputs: np.ndarray, targets: np.ndarray, piece_tokens: int,
+                  device: torch.device) -> np.ndarray:
+    """Summed negative log-likelihood (nats) of each window [B], run in pieces with the state carried."""
+    inputs, targets = torch.as_tensor(inputs, device=device), torch.as_tensor(targets, device=device)
+    state = model.init_state(len(inputs))
+    totals = torch.zeros(len(inputs), device=device, dtype=torch.float64)
+    for p in range(0, inputs.shape[1], piece_tokens):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits, state = model.prefill(inputs[:, p: p + piece_tokens], state)
+        totals += next_token_loss(logits, targets[:, p: p + piece_tokens], reduction="none").sum(1).double()
+    return totals.cpu().numpy()
+
+
 def score_documents(model: LanguageModel, docs: list[np.ndarray], length: int, eod_id: int, piece_tokens: int,
-                    batch_size: int, device: torch.device, progress: tqdm | None = None) -> np.ndarray:
-    """Summed negative log-likelihood (nats) of every token of each document, in windows of `length`."""
-    shifted = [np.concatenate([[eod_id], tokens[:-1]]) for tokens in docs]  # inputs: what precedes each token
-    windows = [(d, start, min(length, len(tokens) - start))  # (document, start, size)
-               for d, tokens in enumerate(docs) for start in range(0, len(tokens), length)]
-    windows.sort(key=lambda w: -w[2])  # windows of one size share a batch
-    batches = []
-    for _, same in itertools.groupby(windows, key=lambda w: w[2]):
-        same = list(same)
-        batches += [same[i: i + batch_size] for i in range(0, len(same), batch_size)]
+                    batch_tokens: int, device: torch.device) -> np.ndarray:
+    """Summed negative log-likelihood of each document in windows of `length`, every batch in this process: the
+    reference for `ClusterScorer`, which spreads the same batches over Ray actors."""
     nll = np.zeros(len(docs))
-    for batch in batches:
-        size = batch[0][2]
-        inputs = torch.as_tensor(np.stack([shifted[d][s: s + size] for d, s, _ in batch]), device=device)
-        targets = torch.as_tensor(np.stack([docs[d][s: s + size] for d, s, _ in batch]), device=device)
-        state = model.init_state(len(batch))
-        totals = torch.zeros(len(batch), device=device, dtype=torch.float64)
-        for p in range(0, size, piece_tokens):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits, state = model.prefill(inputs[:, p: p + piece_tokens], state)
-            totals += next_token_loss(logits, targets[:, p: p + piece_tokens], reduction="none").sum(1).double()
-        for (d, _, _), total in zip(batch, totals.cpu().numpy()):
-            nll[d] += total
-        if progress is not None:
-            progress.update(size * len(batch))
+    for batch in token_batches([len(d) for d in docs], length, batch_tokens):
+        totals = score_windows(model, *window_arrays(docs, eod_id, batch), piece_tokens, device)
+        np.add.at(nll, [d for d, _, _ in batch], totals)
     return nll
+
+
+class Scorer:
+    """A Ray actor holding the model, loaded once, that scores batches of windows."""
+
+    def __init__(self, model_config: dict[str, Any], weights: dict[str, torch.Tensor], device: str, threads: int):
+        if threads:
+            torch.set_num_threads(threads)  # the CPUs this actor holds: actors on one host must not contend
+        self.device = pick_device(device)
+        self.model = build_model(ModelConfig(**model_config))
+        self.model.load_state_dict(weights)
+        self.model.to(self.device).eval()
+
+    def score(self, inputs: np.ndarray, targets: np.ndarray, piece_tokens: int) -> tuple[np.ndarray, float]:
+        """(summed NLL of each window, seconds it took)."""
+        started = time.perf_counter()
+        return score_windows(self.model, inputs, targets, piece_tokens, self.device), time.perf_counter() - started
+
+
+class ClusterScorer:
+    """`eval.num_workers` Scorer actors, each holding what a training worker holds; batches go to whichever is
+    free, two in flight per actor (one running, one waiting), generated as they are needed."""
+
+    def __init__(self, model: LanguageModel, cfg: RunConfig):
+        import ray
+
+        weights = ray.put({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        options = scorer_options(cfg)
+        actor = ray.remote(Scorer).options(**options)
+        count = cfg.eval.num_workers or cfg.train.num_workers
+        self.actors = [actor.remote(dataclasses.asdict(model.cfg), weights, cfg.eval.device,
+                                    int(options.get("num_cpus", 0))) for _ in range(count)]
+        self.piece_tokens = cfg.eval.piece_tokens
+
+    def run(self, jobs: Iterator[tuple[Any, np.ndarray, np.ndarray]]) -> Iterator[tuple[Any, np.ndarray, float]]:
+        """(key, inputs, targets) -> (key, summed NLL per window, actor seconds), in the order they finish."""
+        import ray
+
+        free, running = [a for a in self.actors for _ in range(2)], {}
+        jobs = iter(jobs)
+        while True:
+            while free and (job := next(jobs, None)) is not None:
+                actor = free.pop()
+                running[actor.score.remote(job[1], job[2], self.piece_tokens)] = (job[0], actor)
+            if not running:
+                return
+            [ref], _ = ray.wait(list(running), num_returns=1)
+            key, actor = running.pop(ref)
+            free.append(actor)
+            totals, seconds = ray.get(ref)
+            yield key, totals, seconds
+
+
+def scorer_options(cfg: RunConfig) -> dict[str, Any]:
+    """Ray options of a Scorer: what a training worker holds (`train.worker_resources`; one GPU for cuda; one CPU),
+    except TPUs: scoring runs in PyTorch on the host (CPU, or a GPU), not through XLA."""
+    held = {k: v for k, v in cfg.train.worker_resources.items() if k != "TPU"}
+    options: dict[str, Any] = {"num_cpus": held.pop("CPU", 1), "num_gpus": held.pop("GPU", 0)}
+    if cfg.train.backend == "cuda" or cfg.eval.device == "cuda":
+        options["num_gpus"] = options["num_gpus"] or 1
+    if held:
+        options["resources"] = held
+    return options
 
 
 def metrics_at_length(nll: np.ndarray, docs: list[dict[str, Any]]) -> dict[str, float]:
@@ -138,7 +218,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def evaluate(cfg: RunConfig, loaded: LoadedModel, todo: dict[str, list[int]] | None = None) -> list[dict[str, Any]]:
-    """Score `loaded` on the config's dataset: {split: [lengths]} (default: the config's suite). One row per result."""
+    """Score `loaded` on the config's dataset: {split: [lengths]} (default: the config's suite), on Scorer actors
+    (`ClusterScorer`). One row per (split, length)."""
     dataset = dataset_dir(cfg)
     manifest = load_manifest(dataset)
     if loaded.model.cfg.vocab_size != manifest["tokenizer"]["vocab_size"] or (
@@ -147,30 +228,43 @@ def evaluate(cfg: RunConfig, loaded: LoadedModel, todo: dict[str, list[int]] | N
                         "the data config it was trained on")
     ec = cfg.eval
     todo = todo or suite(cfg)
-    device = pick_device(ec.device)
-    model = loaded.model.to(device).eval()
     eod = manifest["tokenizer"]["eod_id"]
-    rows = []
-    with tqdm(total=0, desc="[eval]", unit="tok", unit_scale=True, dynamic_ncols=True) as bar:
-        for split, lengths in todo.items():
-            if split not in manifest["splits"]:
-                raise EvalError(f"split {split!r} is not in {dataset} (it has {', '.join(manifest['splits'])})")
-            docs = eval_documents(dataset, split, limit=ec.max_documents or None)
-            arrays = [d["tokens"] for d in docs]
-            longest = max(len(a) for a in arrays)
-            scored = [n for n in sorted(lengths) if n <= longest or n == min(lengths)]  # longer: whole documents
-            rows += [{"split": split, "length": n, "capped": True} for n in sorted(lengths) if n not in scored]
-            bar.total += sum(map(len, arrays)) * len(scored)
-            for length in scored:
-                started = time.perf_counter()
-                nll = score_documents(model, arrays, length, eod, ec.piece_tokens, ec.batch_size, device, bar)
-                seconds = time.perf_counter() - started
-                row = {"split": split, "length": length, "capped": False, "documents": len(docs),
-                       **metrics_at_length(nll, docs), "seconds": seconds}
-                row["tokens_per_second"] = row["tokens"] / seconds
-                bar.write(f"[eval] {split:<10} L={length:>6}  token ppl {row['token_ppl']:9.3f}  word ppl "
-                          f"{row['word_ppl']:9.3f}  bits/byte {row['bits_per_byte']:.4f}  ({seconds:.1f} s)")
-                rows.append(row)
+    rows, scored, docs = [], {}, {}
+    for split, lengths in todo.items():
+        if split not in manifest["splits"]:
+            raise EvalError(f"split {split!r} is not in {dataset} (it has {', '.join(manifest['splits'])})")
+        docs[split] = eval_documents(dataset, split, limit=ec.max_documents or None)
+        longest = max(len(d["tokens"]) for d in docs[split])
+        kept = [n for n in sorted(lengths) if n <= longest or n == min(lengths)]  # longer: whole documents again
+        rows += [{"split": split, "length": n, "capped": True} for n in sorted(lengths) if n not in kept]
+        scored.update({(split, n): np.zeros(len(docs[split])) for n in kept})
+    seconds = dict.fromkeys(scored, 0.0)
+    batches = {key: token_batches([len(d["tokens"]) for d in docs[key[0]]], key[1], ec.batch_tokens) for key in scored}
+
+    def jobs() -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
+        for (split, length), todo_batches in batches.items():
+            arrays = [d["tokens"] for d in docs[split]]
+            for batch in todo_batches:
+                yield (split, length, batch), *window_arrays(arrays, eod, batch)
+
+    total = sum(len(d["tokens"]) for split, _ in scored for d in docs[split])
+    started = time.perf_counter()
+    with tqdm(total=total, desc="[eval]", unit="tok", unit_scale=True, dynamic_ncols=True) as bar:
+        for (split, length, batch), totals, busy in ClusterScorer(loaded.model, cfg).run(jobs()):
+            np.add.at(scored[split, length], [d for d, _, _ in batch], totals)
+            seconds[split, length] += busy
+            bar.update(sum(size for _, _, size in batch))
+            bar.set_postfix_str(f"{bar.n / (time.perf_counter() - started):,.0f} tok/s over the cluster", refresh=False)
+    for (split, length), nll in scored.items():
+        row = {"split": split, "length": length, "capped": False, "documents": len(docs[split]),
+               **metrics_at_length(nll, docs[split]), "seconds": seconds[split, length]}
+        row["tokens_per_second"] = row["tokens"] / row["seconds"]  # per actor
+        print(f"[eval] {split:<10} L={length:>6}  token ppl {row['token_ppl']:9.3f}  word ppl {row['word_ppl']:9.3f}  "
+              f"bits/byte {row['bits_per_byte']:.4f}")
+        rows.append(row)
+    wall = time.perf_counter() - started
+    print(f"[eval] {total:,} tokens in {wall:.1f} s: {total / wall:,.0f} tokens/s over "
+          f"{cfg.eval.num_workers or cfg.train.num_workers} scorer(s)")
     return sorted(rows, key=lambda r: (list(todo).index(r["split"]), r["length"]))
 
 

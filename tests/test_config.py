@@ -107,7 +107,7 @@ BAD = [
     ("eval.lengths=[]", "eval.lengths=[]: must be non-empty"),
     ("eval.splits=[dev]", "eval.splits[0]='dev': must be one of train, validation, test"),
     ("eval.piece_tokens=0", "eval.piece_tokens=0: must be at least 1"),
-    ("eval.batch_size=0", "eval.batch_size=0: must be at least 1"),
+    ("eval.batch_tokens=0", "eval.batch_tokens=0: must be at least 1"),
     ("eval.max_documents=-1", "eval.max_documents=-1: must be at least 0"),
     ("eval.device=gpu", "eval.device='gpu': must be one of auto, cpu, cuda"),
     ("ray.num_cpus=-2", "ray.num_cpus=-2: must be at least 0"),

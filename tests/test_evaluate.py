@@ -1,4 +1,5 @@
-"""Scoring in pieces with the state carried equals scoring each window in one full forward pass."""
+"""Scoring in pieces with the state carried equals scoring each window in one full forward pass; scoring on
+Ray actors equals scoring in one process."""
 
 import math
 
@@ -7,8 +8,11 @@ import pytest
 import torch
 
 from models import build_model, next_token_loss
-from pipeline.evaluate import metrics_at_length, score_documents
+from pipeline.config import load_config
+from pipeline.dataset import dataset_dir, eval_documents, load_manifest
+from pipeline.evaluate import LoadedModel, evaluate, metrics_at_length, score_documents, token_batches
 
+from .corpus import as_overrides, prepared, run_config
 from .tiny import TINY, tiny_config
 
 EOD = 2
@@ -35,7 +39,7 @@ def test_pieces_with_carried_state_equal_whole_windows(arch):
     docs = [rng.integers(3, TINY["vocab_size"], n).astype(np.int64) for n in (70, 33, 64, 5)]
     for length in (16, 40, 1000):
         expected = reference_nll(model, docs, length)
-        got = score_documents(model, docs, length, EOD, piece_tokens=7, batch_size=3, device=torch.device("cpu"))
+        got = score_documents(model, docs, length, EOD, piece_tokens=7, batch_tokens=100, device=torch.device("cpu"))
         np.testing.assert_allclose(got, expected, rtol=1e-4)
 
 
@@ -45,3 +49,34 @@ def test_metrics_count_every_token_word_and_byte():
     assert m["loss"] == pytest.approx(1.0) and m["token_ppl"] == pytest.approx(math.e)
     assert m["word_ppl"] == pytest.approx(math.exp(40 / 10))
     assert m["bits_per_byte"] == pytest.approx(40 / math.log(2) / 80)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, ray_cluster):
+    return prepared(tmp_path_factory.mktemp("eval"), counts=(4, 2, 3), words=(300, 3000))
+
+
+def test_scorer_actors_on_the_cluster_give_the_numbers_of_one_process(corpus):
+    cfg = load_config(None, [*as_overrides(run_config(corpus / "out", corpus / "corpus", "base")),
+                             "eval.lengths=[16, 100, 1000000]", "eval.splits=[test]", "eval.num_workers=2",
+                             "eval.piece_tokens=24", "eval.batch_tokens=256"])
+    manifest = load_manifest(dataset_dir(cfg))
+    torch.manual_seed(0)
+    model = build_model(tiny_config("gss", vocab_size=manifest["tokenizer"]["vocab_size"])).eval()
+    rows = evaluate(cfg, LoadedModel(model, "a test model"))
+    assert [(r["length"], r["capped"]) for r in rows] == [(16, False), (100, False), (1000000, True)]
+    docs = eval_documents(dataset_dir(cfg), "test")
+    for row in rows[:2]:
+        nll = score_documents(model, [d["tokens"] for d in docs], row["length"], manifest["tokenizer"]["eod_id"],
+                              piece_tokens=24, batch_tokens=256, device=torch.device("cpu"))
+        assert row["loss"] == pytest.approx(nll.sum() / row["tokens"], rel=1e-6)
+        assert row["tokens"] == sum(len(d["tokens"]) for d in docs) and row["documents"] == 3
+
+
+def test_batches_hold_at_most_batch_tokens_of_one_window_size():
+    batches = token_batches([70, 33, 64, 5], 16, 40)
+    assert all(len({size for _, _, size in b}) == 1 and (len(b) == 1 or sum(s for _, _, s in b) <= 40)
+               for b in batches)
+    windows = sorted(w for b in batches for w in b)
+    assert sum(size for _, _, size in windows) == 70 + 33 + 64 + 5  # every token once
+    assert [b[0][2] for b in batches] == sorted((b[0][2] for b in batches), reverse=True)  # longest first

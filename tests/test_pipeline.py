@@ -18,7 +18,7 @@ def finished(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     write_pg19(root / "corpus", counts=(8, 2, 2), words=(1500, 3000))
     tree = run_config(root / "out", root / "corpus", "e2e", steps=10, eval_every=10, checkpoint_every=10)
-    tree["eval"] = {"lengths": LENGTHS, "splits": ["validation", "test"], "piece_tokens": 48, "batch_size": 2}
+    tree["eval"] = {"lengths": LENGTHS, "splits": ["validation", "test"], "piece_tokens": 48, "batch_tokens": 256}
     overrides = as_overrides(tree)
     return overrides, run_pipeline(load_config(None, overrides))
 
