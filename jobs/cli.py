@@ -90,9 +90,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
     tracking.setup(cfg)  # where the registered model is
     model = load_model(tracking.default_model_uri(cfg)).model.eval()
     torch.manual_seed(args.seed)
-    prompt = [tokenizer.eod_id] + tokenizer.sp.encode(args.prompt)  # a document starts after </s>
-    out = model.generate(torch.tensor([prompt]), args.max_new_tokens, args.temperature, args.top_k)
-    print(tokenizer.decode(out[0].tolist()))  # as a whole: a piece's leading space survives only mid-text
+    tokens = [tokenizer.eod_id] + tokenizer.sp.encode(args.prompt)  # a document starts after </s>
+    shown = tokenizer.decode(tokens)
+    print(shown, end="", flush=True)
+    for token in model.stream(torch.tensor([tokens]), args.max_new_tokens, args.temperature, args.top_k):
+        tokens.append(int(token[0]))
+        text = tokenizer.decode(tokens)  # the whole text: a piece's leading space survives only mid-text
+        print(text[len(shown):], end="", flush=True)
+        shown = text
+    print()
 
 
 def cmd_submit(args: argparse.Namespace) -> None:

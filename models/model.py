@@ -12,7 +12,7 @@ Every block has the same two entry points:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .ssm import DiagonalSSM
+from .ssm import DiagonalSSM, StepConstants
 
 
 class SSMBlock(nn.Module):
@@ -36,8 +36,12 @@ class SSMBlock(nn.Module):
     def forward(self, x: Tensor, state: Tensor | None = None, position: int = 0) -> tuple[Tensor, Any]:
         return self.mix(x, lambda u: self.ssm(u, state))
 
-    def step(self, x: Tensor, state: Tensor, position: int) -> tuple[Tensor, Any]:
-        return self.mix(x, lambda u: self.ssm.step(u, state))
+    def step(self, x: Tensor, state: Tensor, position: int, constants: StepConstants | None = None
+             ) -> tuple[Tensor, Any]:
+        return self.mix(x, lambda u: self.ssm.step(u, state, constants))
+
+    def step_constants(self) -> StepConstants:
+        return self.ssm.step_constants()
 
     def init_state(self, batch_size: int) -> Tensor:
         return self.ssm.init_state(batch_size)
@@ -170,9 +174,12 @@ class AttentionBlock(nn.Module):
         keep = k.shape[2] if self.chunk is None else end % self.chunk  # the tokens of the open chunk
         return y, (k[:, :, k.shape[2] - keep :], v[:, :, v.shape[2] - keep :])
 
-    def step(self, x: Tensor, state: tuple[Tensor, Tensor], position: int):
+    def step(self, x: Tensor, state: tuple[Tensor, Tensor], position: int, constants: None = None):
         y, state = self.forward(x[:, None], state, position)
         return y[:, 0], state
+
+    def step_constants(self) -> None:
+        return None  # nothing to precompute: the cache is the state
 
     def init_state(self, batch_size: int) -> tuple[Tensor, Tensor]:
         head_dim = self.qkv.in_features // self.n_heads
@@ -182,10 +189,13 @@ class AttentionBlock(nn.Module):
 
 @dataclass
 class DecodeState:
-    """Where a recurrent pass stands: the next token's position and each layer's state."""
+    """Where a recurrent pass stands: the next token's position and each layer's state; and, from the first
+    step on, each layer's step constants (`step_constants`), so a decode computes them once. A DecodeState
+    belongs to the weights it started with."""
 
     position: int
     layers: list[Any]
+    constants: list[Any] | None = None
 
 
 class LanguageModel(nn.Module):
@@ -241,31 +251,36 @@ class LanguageModel(nn.Module):
         for block, layer_state in zip(self.blocks, state.layers):
             x, layer_state = block(x, layer_state, state.position)
             layers.append(layer_state)
-        return self.head(self.norm(x)), DecodeState(state.position + input_ids.shape[1], layers)
+        return self.head(self.norm(x)), DecodeState(state.position + input_ids.shape[1], layers, state.constants)
 
     def step(self, token_ids: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:
         """One token per sequence: token_ids [B] -> (logits [B, vocab], new state)."""
+        constants = state.constants if state.constants is not None else [b.step_constants() for b in self.blocks]
         x = self.embed(token_ids)
         layers = []
-        for block, layer_state in zip(self.blocks, state.layers):
-            x, layer_state = block.step(x, layer_state, state.position)
+        for block, layer_state, layer_constants in zip(self.blocks, state.layers, constants):
+            x, layer_state = block.step(x, layer_state, state.position, layer_constants)
             layers.append(layer_state)
-        return self.head(self.norm(x)), DecodeState(state.position + 1, layers)
+        return self.head(self.norm(x)), DecodeState(state.position + 1, layers, constants)
 
     @torch.no_grad()
-    def generate(
-        self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None
-    ) -> Tensor:
-        """Read the prompt in parallel, then decode recurrently. temperature=0 is greedy decoding."""
+    def stream(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None
+               ) -> Iterator[Tensor]:
+        """Read the prompt in parallel, then decode recurrently, yielding each new token [B] as soon as it is
+        drawn. temperature=0 is greedy decoding."""
         logits, state = self.prefill(input_ids, self.init_state(input_ids.shape[0]))
         logits = logits[:, -1]
-        tokens = [input_ids]
         for i in range(max_new_tokens):
             next_token = sample(logits, temperature, top_k)
-            tokens.append(next_token[:, None])
+            yield next_token
             if i + 1 < max_new_tokens:
                 logits, state = self.step(next_token, state)
-        return torch.cat(tokens, dim=1)
+
+    def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None
+                 ) -> Tensor:
+        """`stream`, collected after the prompt: [B, prompt + max_new_tokens]."""
+        new = [token[:, None] for token in self.stream(input_ids, max_new_tokens, temperature, top_k)]
+        return torch.cat([input_ids, *new], dim=1)
 
 
 def next_token_loss(logits: Tensor, targets: Tensor, reduction: Literal["mean", "sum", "none"] = "mean") -> Tensor:

@@ -44,6 +44,9 @@ Complex = tuple[Tensor, Tensor]
 # of shape [2, B, H, N]: index 0 holds the real parts, index 1 the imaginary parts.
 SSMState = Tensor
 
+# What every decoding step of a DiagonalSSM reuses: (W, exp(Lambda), D).
+StepConstants = tuple[Complex, Complex, Tensor]
+
 
 def complex_mul(a: Complex, b: Complex) -> Complex:
     """a * b, elementwise with broadcasting."""
@@ -95,9 +98,9 @@ def zero_state(u: Tensor, W: Complex) -> SSMState:
     return u.new_zeros(2, u.shape[0], u.shape[2], W[0].shape[1])
 
 
-def scan_step(u: Tensor, W: Complex, Lambda: Complex, D: Tensor, state: SSMState) -> tuple[Tensor, SSMState]:
-    """One token of the recurrence: u [B, H] -> (y [B, H], new state); O(H N) whatever came before."""
-    lam = complex_powers(Lambda, torch.ones(1, device=u.device))  # exp(Lambda), [1, N]
+def scan_step(u: Tensor, W: Complex, lam: Complex, D: Tensor, state: SSMState) -> tuple[Tensor, SSMState]:
+    """One token of the recurrence, lam = exp(Lambda) [1, N]: u [B, H] -> (y [B, H], new state); O(H N)
+    whatever came before."""
     x_re, x_im = complex_mul(lam, (state[0], state[1]))
     x_re = x_re + u[..., None]
     y = (W[0] * x_re - W[1] * x_im).sum(-1) + D * u  # Re(sum_n W x)
@@ -110,9 +113,10 @@ def scan_ref(
     """Reference: `scan_step` over u [B, L, H] token by token; returns (y [B, L, H], final state)."""
     if state is None:
         state = zero_state(u, W)
+    lam = complex_powers(Lambda, torch.ones(1, device=u.device))
     ys = []
     for u_t in u.unbind(1):
-        y_t, state = scan_step(u_t, W, Lambda, D, state)
+        y_t, state = scan_step(u_t, W, lam, D, state)
         ys.append(y_t)
     return torch.stack(ys, dim=1), state
 
@@ -302,9 +306,15 @@ class DiagonalSSM(nn.Module):
             y, new_state = scan_chunked(u32, W, Lambda, D, state, self.chunk_size)
             return y.to(u.dtype), (new_state if state is not None else None)
 
-    def step(self, u: Tensor, state: SSMState) -> tuple[Tensor, SSMState]:
+    def step_constants(self) -> StepConstants:
+        """(W, exp(Lambda), D) in compute_dtype: the same for every token of a decode, so computed once for it."""
+        with torch.autocast(device_type=self.D.device.type, enabled=False):
+            W, Lambda = self.modes()
+            return W, complex_powers(Lambda, torch.ones(1, device=self.D.device)), self.D.to(self.compute_dtype)
+
+    def step(self, u: Tensor, state: SSMState, constants: StepConstants | None = None) -> tuple[Tensor, SSMState]:
         """One token: u [B, H] -> y [B, H]; O(H N) time and memory whatever the context length."""
         with torch.autocast(device_type=u.device.type, enabled=False):
-            W, Lambda = self.modes()
-            y, state = scan_step(u.to(self.compute_dtype), W, Lambda, self.D.to(self.compute_dtype), state)
+            W, lam, D = constants if constants is not None else self.step_constants()
+            y, state = scan_step(u.to(self.compute_dtype), W, lam, D, state)
             return y.to(u.dtype), state

@@ -182,7 +182,7 @@ def metrics_at_length(nll: np.ndarray, docs: list[dict[str, Any]]) -> dict[str, 
 def load_model(ref: str) -> LoadedModel:
     """A `gss train` checkpoint folder (local or gs://), or an MLflow model URI (models:/name@alias, /version)."""
     if ref.startswith("models:/"):
-        import mlflow.pytorch
+        import mlflow.pyfunc
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
@@ -192,7 +192,7 @@ def load_model(ref: str) -> LoadedModel:
         except MlflowException as e:
             raise EvalError(f"no registered model {ref} in {mlflow.get_tracking_uri()} ({e.message}); "
                             "train it first (`gss train` / `gss run`) or give eval.model=<checkpoint folder>") from None
-        model = mlflow.pytorch.load_model(f"models:/{name}/{version.version}", map_location="cpu")
+        model = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}").unwrap_python_model().model
         return LoadedModel(model, f"models:/{name}/{version.version}", version.tags.get(Tag.DATASET, ""),
                            version.tags.get(Tag.TOKENIZER_SHA256, ""), version.run_id or "")
 
@@ -248,13 +248,15 @@ def evaluate(cfg: RunConfig, loaded: LoadedModel, todo: dict[str, list[int]] | N
                 yield (split, length, batch), *window_arrays(arrays, eod, batch)
 
     total = sum(len(d["tokens"]) for split, _ in scored for d in docs[split])
+    scorers = ClusterScorer(loaded.model, cfg)
     started = time.perf_counter()
-    with tqdm(total=total, desc="[eval]", unit="tok", unit_scale=True, dynamic_ncols=True) as bar:
-        for (split, length, batch), totals, busy in ClusterScorer(loaded.model, cfg).run(jobs()):
+    # the bar's rate is the whole cluster's: every actor's results arrive here
+    with tqdm(total=total, desc=f"[eval] {len(scorers.actors)} scorer(s)", unit="tok", unit_scale=True,
+              dynamic_ncols=True) as bar:
+        for (split, length, batch), totals, busy in scorers.run(jobs()):
             np.add.at(scored[split, length], [d for d, _, _ in batch], totals)
             seconds[split, length] += busy
             bar.update(sum(size for _, _, size in batch))
-            bar.set_postfix_str(f"{bar.n / (time.perf_counter() - started):,.0f} tok/s over the cluster", refresh=False)
     for (split, length), nll in scored.items():
         row = {"split": split, "length": length, "capped": False, "documents": len(docs[split]),
                **metrics_at_length(nll, docs[split]), "seconds": seconds[split, length]}
@@ -263,8 +265,7 @@ def evaluate(cfg: RunConfig, loaded: LoadedModel, todo: dict[str, list[int]] | N
               f"bits/byte {row['bits_per_byte']:.4f}")
         rows.append(row)
     wall = time.perf_counter() - started
-    print(f"[eval] {total:,} tokens in {wall:.1f} s: {total / wall:,.0f} tokens/s over "
-          f"{cfg.eval.num_workers or cfg.train.num_workers} scorer(s)")
+    print(f"[eval] {total:,} tokens in {wall:.1f} s: {total / wall:,.0f} tokens/s over {len(scorers.actors)} scorer(s)")
     return sorted(rows, key=lambda r: (list(todo).index(r["split"]), r["length"]))
 
 

@@ -141,3 +141,19 @@ def log_params(params: dict[str, Any]) -> None:
     import mlflow
 
     mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
+
+
+def log_dataset_input(client, run_id: str, dataset: str, digest: str, context: str) -> None:
+    """Record a packed dataset folder (local or gs://) as an MLflow dataset input of a run, its digest the
+    dataset's identity hash (the suffix of its folder name)."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns that it cannot choose
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(dataset)  # a local path or gs://: MLflow's artifact dataset sources
+    entity = MetaDataset(source, name=dataset.rstrip("/").rsplit("/", 1)[-1], digest=digest)._to_mlflow_entity()
+    client.log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])])

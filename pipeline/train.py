@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -156,6 +157,29 @@ class Validator:
         return total / max(1, len(self.windows))
 
 
+class SystemMetrics:
+    """Rank 0's host, sampled by MLflow's own monitors at every metrics log: CPU and memory use, and GPU use and
+    memory where NVML sees GPUs (`pip install '.[gpu]'`), as system/* metrics at the training step."""
+
+    def __init__(self):
+        from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+        from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+
+        self.monitors = [CPUMonitor()]
+        try:
+            self.monitors.append(GPUMonitor())
+        except Exception:  # noqa: BLE001 - no NVML library, or no GPU: CPU and memory only
+            pass
+
+    def sample(self) -> dict[str, float]:
+        values = {}
+        for monitor in self.monitors:
+            monitor.collect_metrics()
+            values.update({f"system/{k}": v for k, v in monitor.aggregate_metrics().items()})
+            monitor.clear_metrics()
+        return values
+
+
 class MetricsLogger:
     """Every `log_every` steps (and whenever validation or a checkpoint needs them): the loss and gradient norm
     averaged over the workers, brought to the host (the only host sync of the loop), checked, and logged to
@@ -164,11 +188,11 @@ class MetricsLogger:
     def __init__(self, tc: TrainConfig, backend: Backend, tokens_per_step: int, start_step: int,
                  mlflow_run: tuple[str, str] | None):
         self.every, self.last_step, self.backend, self.tokens_per_step = tc.log_every, tc.steps, backend, tokens_per_step
-        self.client, self.run_id = None, None
+        self.client, self.run_id, self.system = None, None, None
         if mlflow_run:
             from mlflow import MlflowClient
 
-            self.client, self.run_id = MlflowClient(mlflow_run[0]), mlflow_run[1]
+            self.client, self.run_id, self.system = MlflowClient(mlflow_run[0]), mlflow_run[1], SystemMetrics()
         self.interval_start, self.interval_first_step = time.perf_counter(), start_step
 
     def should_log(self, step: int) -> bool:
@@ -189,6 +213,8 @@ class MetricsLogger:
         if val_loss is not None:
             metrics.update(val_loss=summary[2], val_ppl=math.exp(min(summary[2], 50)))
         metrics.update(self.backend.compile_counts())
+        if self.system:
+            metrics.update(self.system.sample())
         self._log(step, metrics)
         return metrics
 
@@ -435,21 +461,29 @@ def _find_or_create_run(client, experiment_id: str, cfg: RunConfig, model_cfg: M
     flat = tracking.flatten({"train": to_dict(cfg.train), "model": dataclasses.asdict(model_cfg)})
     flat.update({"model.parameters": params, "dataset": dataset})
     client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()])
+    tracking.log_dataset_input(client, run.info.run_id, dataset, fingerprint(load_manifest(dataset)["identity"]),
+                               "training")
     return client.get_run(run.info.run_id)
 
 
 def _register_model(client, run_id: str, final, model_cfg: ModelConfig, name: str, tags: dict[str, str]) -> str:
-    """Log the final model to the run and register it, with the alias `current` pointing at the new version."""
-    import mlflow.pytorch
+    """Log the final model to the run as `pipeline/registered_model.py` describes (weights as tensors, code
+    alongside) and register it, with the alias `current` pointing at the new version."""
+    import mlflow.pyfunc
 
-    model = build_model(model_cfg)
-    with final.as_directory() as folder:
-        model.load_state_dict(checkpoint.load(folder)["model"])
-    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None), printed_to_log("mlflow"):
-        # pickle (the class comes from this package's `models`), not pt2, which needs a traced input
-        info = mlflow.pytorch.log_model(model.eval(), name="model", registered_model_name=name,
-                                        serialization_format="pickle", pip_requirements=["torch"])
-        mlflow.log_dict(dataclasses.asdict(model_cfg), "model_config.json")
+    here = os.path.dirname(os.path.abspath(__file__))
+    with final.as_directory() as folder, tempfile.TemporaryDirectory() as tmp:
+        weights, config = os.path.join(tmp, "weights.pt"), os.path.join(tmp, "model_config.json")
+        torch.save(checkpoint.load(folder)["model"], weights)
+        with open(config, "w") as f:
+            json.dump(dataclasses.asdict(model_cfg), f)
+        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None), printed_to_log("mlflow"):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=os.path.join(here, "registered_model.py"),
+                artifacts={"weights": weights, "model_config": config},  # the names registered_model.py reads
+                code_paths=[os.path.join(os.path.dirname(here), "models")], registered_model_name=name,
+                pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", "numpy"])  # signature: predict's hints
+            mlflow.log_dict(dataclasses.asdict(model_cfg), "model_config.json")
     version = info.registered_model_version
     for key, value in tags.items():  # what `gss eval` and `gss reeval` need to know about the version
         client.set_model_version_tag(name, version, key, value)

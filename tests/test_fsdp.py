@@ -36,7 +36,7 @@ def config(corpus, name: str, **train):
 
 
 def registered(name: str) -> dict[str, torch.Tensor]:
-    return mlflow.pytorch.load_model(f"models:/gss-{name}@current").state_dict()
+    return mlflow.pyfunc.load_model(f"models:/gss-{name}@current").unwrap_python_model().model.state_dict()
 
 
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], **tolerance) -> None:

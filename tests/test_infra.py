@@ -292,7 +292,8 @@ def _makefile_torch_pin() -> str | None:
 
 def test_each_node_kind_installs_its_torch_then_the_project(cluster, gcp):
     """Head and CPU workers: torch's CPU build, then the project; GPU workers: PyPI's (CUDA) torch, then the
-    project; TPU hosts: the `tpu` extra (torch + torch_xla 2.9). Ray as pyproject pins it, everywhere."""
+    project with the `gpu` extra (NVML); TPU hosts: the `tpu` extra (torch + torch_xla 2.9). Ray as pyproject
+    pins it, everywhere."""
     commands = {name: spec["worker_setup_commands"] for name, spec in cluster["available_node_types"].items()
                 if name != cluster["head_node_type"]}
     commands[cluster["head_node_type"]] = cluster["head_setup_commands"]
@@ -308,11 +309,14 @@ def test_each_node_kind_installs_its_torch_then_the_project(cluster, gcp):
         if name in tpus:
             assert "-e '.[tpu]'" in install and not torch, f"{name}: the tpu extra pins torch and torch_xla"
             continue
-        assert re.search(r"-e \.( |$)", install), f"{name}: the project without extras"
+        gpu = spec["resources"].get("GPU", 0) > 0
+        if gpu:
+            assert "-e '.[gpu]'" in install, f"{name}: the gpu extra (NVML for the GPU system metrics)"
+        else:
+            assert re.search(r"-e \.( |$)", install), f"{name}: the project without extras"
         assert len(torch) == 1 and torch[0] < project[0], f"{name}: torch before the project: {lines}"
         pin = re.search(r"torch==([\d.]+)", lines[torch[0]]).group(1)
         assert pin == (_makefile_torch_pin() or pin), "the torch of the CPU test lane (Makefile)"
-        gpu = spec["resources"].get("GPU", 0) > 0
         assert (cpu_index in lines[torch[0]]) != gpu, f"{name}: {'CUDA' if gpu else 'CPU'} build of torch"
     assert "google-api-python-client" in " ".join(commands[cluster["head_node_type"]]), "the autoscaler's GCP client"
 

@@ -73,6 +73,20 @@ def test_greedy_generate_equals_repeated_full_forwards(arch):
     assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("arch", ["gss", "dss", "hybrid"])
+def test_a_decode_computes_the_ssm_step_constants_once(arch, monkeypatch):
+    from models.ssm import DiagonalSSM
+
+    calls = []
+    modes = DiagonalSSM.modes
+    monkeypatch.setattr(DiagonalSSM, "modes", lambda self: calls.append(self) or modes(self))
+    model = build_model(tiny_config(arch)).eval()
+    ssm_layers = sum(isinstance(m, DiagonalSSM) for m in model.modules())
+    tokens = list(model.stream(torch.randint(0, 97, (2, 11)), max_new_tokens=9, temperature=0.0))
+    assert len(tokens) == 9 and tokens[0].shape == (2,)
+    assert len(calls) == 2 * ssm_layers  # once in the prompt's parallel pass, once for the 8 steps
+
+
 def test_sampling_respects_top_k():
     model = build_model(tiny_config("gss")).eval()
     prompt = torch.randint(0, 97, (4, 3))

@@ -103,7 +103,7 @@ def test_generate_decodes_greedily_from_the_registered_model(finished, capsys, t
     main(["generate", *overrides, "--prompt", "The river", "--max-new-tokens", "12", "--temperature", "0"])
     printed = capsys.readouterr().out.rstrip("\n")
     # the same continuation, computed here from the registered version and the dataset's tokenizer
-    model = mlflow.pytorch.load_model(result["model_uri"]).eval()
+    model = mlflow.pyfunc.load_model(result["model_uri"]).unwrap_python_model().model
     tokenizer = read_tokenizer(dataset_dir(load_config(None, overrides)))
     prompt = [tokenizer.eod_id] + tokenizer.sp.encode("The river")
     expected = tokenizer.decode(model.generate(torch.tensor([prompt]), 12, temperature=0)[0].tolist())
@@ -133,4 +133,51 @@ def test_the_console_shows_the_stages_and_the_libraries_talk_to_the_log_file(tmp
         assert chatter not in printed, chatter
     log = (tmp_path / "out" / "logs" / "gss.log").read_text()
     assert "Starting execution of Dataset" in log and "Successfully registered model 'gss-quiet'" in log
+    assert "pickle" not in log.lower()  # the model is logged as tensors and code (pipeline/registered_model.py)
     assert (tmp_path / "out" / "logs" / "ray").is_dir()  # the workers' logs: Ray's session folder
+
+
+LOAD_ELSEWHERE = """
+import importlib.util, sys
+import numpy as np
+# no way back to this repository: not its editable install, not the working folder
+sys.meta_path = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+sys.path_hooks = [h for h in sys.path_hooks if "editable" not in getattr(h, "__qualname__", "").lower()]
+assert importlib.util.find_spec("models") is None and importlib.util.find_spec("pipeline") is None
+import mlflow, torch
+mlflow.set_tracking_uri(sys.argv[1])
+loaded = mlflow.pyfunc.load_model(sys.argv[2])
+ids = np.load(sys.argv[3])
+np.save(sys.argv[4], loaded.unwrap_python_model().model(torch.as_tensor(ids))[0].detach().numpy())
+np.save(sys.argv[5], np.array(loaded.predict(ids.tolist())))
+"""
+
+
+def test_the_registered_model_loads_where_this_repository_is_not_importable(finished, tmp_path):
+    """A fresh Python in another folder, with neither `models` nor `pipeline` importable: the registered model
+    loads, and its logits are the final checkpoint's."""
+    import subprocess
+    import sys
+
+    import mlflow
+    import numpy as np
+    import torch
+
+    from models import ModelConfig, build_model
+    from pipeline import checkpoint
+
+    _, result = finished
+    state = checkpoint.read(result["checkpoint"])
+    model = build_model(ModelConfig(**state["model_config"])).eval()
+    model.load_state_dict(state["model"])
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 20))
+    np.save(tmp_path / "ids.npy", ids.numpy())
+    job = subprocess.run([sys.executable, "-c", LOAD_ELSEWHERE, mlflow.get_tracking_uri(), result["model_uri"],
+                          "ids.npy", "logits.npy", "predicted.npy"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, env={k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"})
+    assert job.returncode == 0, job.stderr[-3000:]
+    with torch.no_grad():
+        expected = model(ids)[0]
+    np.testing.assert_array_equal(np.load(tmp_path / "logits.npy"), expected.numpy())
+    np.testing.assert_allclose(np.load(tmp_path / "predicted.npy"),
+                               torch.log_softmax(expected[:, -1], -1).numpy(), rtol=1e-6)

@@ -87,9 +87,14 @@ def test_two_workers_train_and_mlflow_has_run_params_metrics_and_model(corpus):
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
     assert len(losses) == 8 and losses[-1] < losses[0] - 0.5
     assert {"val_loss", "tokens_per_second", "grad_norm", "lr", "peak_memory_mb"} <= set(run.data.metrics)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    [used] = run.inputs.dataset_inputs  # the dataset as an MLflow input, its digest the identity hash in its name
+    dataset = dataset_dir(cfg)
+    assert used.dataset.digest == dataset.rsplit("-", 1)[-1] and used.dataset.name == os.path.basename(dataset)
+    assert [(t.key, t.value) for t in used.tags] == [("mlflow.data.context", "training")]
     version = client.get_model_version_by_alias("gss-two", "current")
     assert version.run_id == run.info.run_id
-    model = mlflow.pytorch.load_model("models:/gss-two@current")
+    model = mlflow.pyfunc.load_model("models:/gss-two@current").unwrap_python_model().model
     assert model.cfg.n_layers == 2
     assert train_stage(cfg)["skipped"]  # finished: a re-run does nothing
     other = load_config(None, [*as_overrides(run_config(corpus / "out", corpus / "corpus", "two", steps=40)),
