@@ -1,7 +1,8 @@
 """Per-token cost of recurrent decoding vs recomputing the whole forward pass, by context length.
 
 For each context T: prefill T random tokens into a recurrent state (timed once), then time
-  * recurrent: model.step on one token from that state (O(1) in T), and
+  * recurrent: model.step on one token from that state (O(1) in T), within a decode (the SSMs' step
+    constants already made by the first step), and
   * recompute: the parallel forward over all T + 1 tokens, with the output head applied to the last
     position only (what decoding without a state costs per new token, at its cheapest),
 in eval mode under torch.no_grad. Prints ms/token for both, their ratio, tokens/s of the recurrent
@@ -50,10 +51,11 @@ def main() -> None:
             _, state = model.prefill(ids[:, :context], model.init_state(args.batch))
             common.sync(device)
             prefill_s = time.perf_counter() - start
-            step_logits, _ = model.step(ids[:, context], state)
+            step_logits, decoding = model.step(ids[:, context], state)  # the first step also makes the constants
             full_logits = last_logits(model, ids)
-            step = common.measure(lambda: model.step(ids[:, context], state), device, args.warmup, args.step_reps,
-                                  args.budget_s)  # fmt: skip
+            # a step within a decode: from a state that carries the SSMs' step constants, as every step but the first
+            step = common.measure(lambda: model.step(ids[:, context], decoding), device, args.warmup,
+                                  args.step_reps, args.budget_s)  # fmt: skip
             full = common.measure(lambda: last_logits(model, ids), device, args.warmup, args.reps, args.budget_s)
         tokens_per_s = args.batch / step.median_s
         flops = common.flops_per_token(model, context, args.batch, "decode")

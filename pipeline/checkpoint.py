@@ -157,10 +157,12 @@ class Checkpointer:
     train function, and so this, in a thread of its own.
     """
 
-    def __init__(self, every: int, last_step: int, rank: int, model_config: dict[str, Any], minutes: float = 0.0):
+    def __init__(self, every: int, last_step: int, rank: int, model_config: dict[str, Any], minutes: float = 0.0,
+                 validate_every: int = 0):
         import ray.train
 
         self.every, self.last_step, self.rank, self.model_config = every, last_step, rank, model_config
+        self.validate_every = validate_every  # every n-th step-based checkpoint and the last go to Ray's validation
         self.timer = Timer(minutes)
         self.ranks = _Ranks(ray.train.get_context().get_world_size())
         self.stopping = False  # a worker got SIGTERM: stop after this step's save
@@ -200,10 +202,11 @@ class Checkpointer:
         """
         import ray.train
 
+        validate = self.validate_every > 0 and (step == self.last_step or step % (self.every * self.validate_every) == 0)
         with tempfile.TemporaryDirectory() as folder:
             save(folder, model, optimizer, step, self.model_config, self.rank)
             checkpoint = ray.train.Checkpoint.from_directory(folder) if os.listdir(folder) else None
-            ray.train.report({"step": step, **metrics}, checkpoint=checkpoint)
+            ray.train.report({"step": step, **metrics}, checkpoint=checkpoint, validation=validate and bool(checkpoint))
         self.timer.saved()
         if self.stopping and step < self.last_step:
             self.ranks.max([0])  # a barrier: every rank's report is queued before any rank stops

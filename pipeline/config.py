@@ -218,6 +218,12 @@ class EvalConfig:
     """Score only the first n documents of each split; 0 = all."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto (cuda if there is one) | cpu | cuda."""
+    during_training: NonNegative = 0
+    """Score every n-th checkpoint of `gss train` on the validation split (its first max_documents documents) at
+    during_training_lengths, in Ray Train validation tasks beside the workers (one CPU each), and log the result
+    into the training run at the checkpoint's step; 0: off."""
+    during_training_lengths: list[Positive] = field(default_factory=list)
+    """Empty: the eval.lengths up to 4 × the training length."""
 
 
 @dataclass

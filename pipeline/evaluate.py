@@ -392,3 +392,43 @@ def suite_todo(cfg: RunConfig, model_ref: str) -> dict[str, list[int]]:
         done.update(json.loads(run.data.tags.get(Tag.EVAL_DONE, "[]")))
     todo = {split: [n for n in lengths if f"{split}:{n}" not in done] for split, lengths in suite(cfg).items()}
     return {split: lengths for split, lengths in todo.items() if lengths}
+
+
+# ---------------------------------------------------------------------------------------------------
+# During training: Ray Train's validation of checkpoints
+
+
+def during_training_lengths(cfg: RunConfig, train_length: int) -> list[int]:
+    return list(cfg.eval.during_training_lengths) or [n for n in cfg.eval.lengths if n <= 4 * train_length]
+
+
+def validate_checkpoint(checkpoint_ref, cfg: dict[str, Any], tracking_uri: str, run_id: str) -> dict[str, float]:
+    """(Ray Train's validation task, beside the training workers.) Score a training checkpoint on the validation
+    split at `during_training_lengths`, with the code `gss eval` runs, and log the perplexities into the training
+    run at the checkpoint's step, with a perplexity-against-length plot."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from pipeline.config import from_dict
+
+    run = from_dict(RunConfig, cfg)
+    with checkpoint_ref.as_directory() as folder:
+        state = checkpoint.load(folder)
+    model = build_model(ModelConfig(**state["model_config"])).eval()
+    model.load_state_dict(state["model"])
+    dataset = dataset_dir(run)
+    manifest = load_manifest(dataset)
+    docs = eval_documents(dataset, "validation", limit=run.eval.max_documents or None)
+    rows, metrics = [], {}
+    for length in during_training_lengths(run, manifest["seq_len"]):
+        nll = score_documents(model, [d["tokens"] for d in docs], length, manifest["tokenizer"]["eod_id"],
+                              run.eval.piece_tokens, run.eval.batch_tokens, torch.device("cpu"))
+        rows.append({"split": "validation", "length": length, "capped": False, **metrics_at_length(nll, docs)})
+        metrics.update({f"eval/validation/L{length}/{key}": rows[-1][key] for key in ("token_ppl", "word_ppl")})
+    client, step, now = MlflowClient(tracking_uri), state["step"], int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(key, value, now, step) for key, value in metrics.items()])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, f"step_{step:07d}.png")
+        plot(rows, manifest["seq_len"], f"{run.name}: validation at step {step}", path)
+        client.log_artifact(run_id, path, "eval_during_training")
+    return metrics

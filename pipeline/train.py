@@ -251,7 +251,7 @@ def train_loop(payload: dict[str, Any]) -> None:
     model = backend.wrap(model, tc)
     optimizer = make_optimizer(model, tc, undecayed)
     checkpointer = checkpoint.Checkpointer(tc.checkpoint_every, tc.steps, rank, payload["model"],
-                                           minutes=tc.checkpoint_minutes)
+                                           minutes=tc.checkpoint_minutes, validate_every=payload["validate_every"])
     step = checkpointer.restore(model, optimizer)
     batches = StepBatches(payload["dataset"], tc, rank, backend)
     validator = Validator(payload["dataset"], tc, backend, rank, world, batches.seq_len)
@@ -319,7 +319,7 @@ def train_stage(cfg: RunConfig) -> dict[str, Any]:
     run_dir = join(absolute(join(cfg.root, "train")), cfg.name)
     payload = {"cfg": to_dict(cfg), "model": dataclasses.asdict(model_cfg), "dataset": dataset,
                "tracking_uri": mlflow.get_tracking_uri(), "run_id": run.info.run_id, "run_dir": run_dir,
-               "xla_cache": xla_cache_dir(cfg.root)}
+               "xla_cache": xla_cache_dir(cfg.root), "validate_every": cfg.eval.during_training}
     trainer = _trainer(cfg, payload)
     fs, diverged = filesystem(join(run_dir, DIVERGED))
     if fs.exists(diverged):
@@ -380,15 +380,25 @@ def _trainer(cfg: RunConfig, payload: dict[str, Any]):
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
         failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
     )
+    validation = None
+    if cfg.eval.during_training:  # Ray Train runs these tasks beside the workers, one checkpoint at a time
+        from ray.train.v2.api.validation_config import ValidationConfig, ValidationTaskConfig
+
+        from pipeline.evaluate import validate_checkpoint
+
+        validation = ValidationConfig(validate_checkpoint, ValidationTaskConfig(
+            {"cfg": to_dict(cfg), "tracking_uri": payload["tracking_uri"], "run_id": payload["run_id"]}),
+            ray_remote_kwargs={"num_cpus": 1})
     if tc.backend == "xla":  # not TorchTrainer: on TPU workers it would set up torch_tpu, not torch_xla
         from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
         from pipeline.backends import xla_backend_config
 
         return DataParallelTrainer(train_loop, train_loop_config=payload, backend_config=xla_backend_config(),
-                                   scaling_config=scaling, run_config=run_config)
+                                   scaling_config=scaling, run_config=run_config, validation_config=validation)
     return TorchTrainer(train_loop, train_loop_config=payload, scaling_config=scaling, run_config=run_config,
-                        torch_config=TorchConfig(backend="nccl" if tc.backend == "cuda" else "gloo"))
+                        torch_config=TorchConfig(backend="nccl" if tc.backend == "cuda" else "gloo"),
+                        validation_config=validation)
 
 
 class TrainingProgress:

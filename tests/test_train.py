@@ -77,8 +77,9 @@ def test_the_hosts_load_together_exactly_the_global_batch_of_one_host(corpus, wo
 def test_two_workers_train_and_mlflow_has_run_params_metrics_and_model(corpus):
     import mlflow
 
-    cfg = load_config(None, as_overrides(run_config(corpus / "out", corpus / "corpus", "two", steps=40,
-                                                    eval_every=20, checkpoint_every=20)))
+    cfg = load_config(None, [*as_overrides(run_config(corpus / "out", corpus / "corpus", "two", steps=40,
+                                                      eval_every=20, checkpoint_every=20)),
+                             "eval.during_training=1", "eval.during_training_lengths=[32, 128]"])
     out = train_stage(cfg)
     client = mlflow.MlflowClient()
     run = client.get_run(out["run_id"])
@@ -88,6 +89,12 @@ def test_two_workers_train_and_mlflow_has_run_params_metrics_and_model(corpus):
     assert len(losses) == 8 and losses[-1] < losses[0] - 0.5
     assert {"val_loss", "tokens_per_second", "grad_norm", "lr", "peak_memory_mb"} <= set(run.data.metrics)
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    # Ray Train's validation tasks scored each checkpoint (steps 20 and 40) at both lengths, into this run
+    for length in (32, 128):
+        during = client.get_metric_history(run.info.run_id, f"eval/validation/L{length}/token_ppl")
+        assert sorted(m.step for m in during) == [20, 40] and all(1 < m.value < 1e4 for m in during), during
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "eval_during_training")}
+    assert plots == {"eval_during_training/step_0000020.png", "eval_during_training/step_0000040.png"}
     [used] = run.inputs.dataset_inputs  # the dataset as an MLflow input, its digest the identity hash in its name
     dataset = dataset_dir(cfg)
     assert used.dataset.digest == dataset.rsplit("-", 1)[-1] and used.dataset.name == os.path.basename(dataset)
