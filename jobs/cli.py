@@ -101,6 +101,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print()
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from jobs.sweep import sweep
+
+    result = sweep(args.sweep, args.overrides)
+    if result["failed"]:
+        raise SystemExit(f"gss sweep: {len(result['failed'])} cell(s) failed (listed above); the others are done")
+
+
 def cmd_submit(args: argparse.Namespace) -> None:
     from jobs.submit import submit_main
 
@@ -154,6 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.8)
     generate.add_argument("--top-k", dest="top_k", type=int, default=40)
     generate.add_argument("--seed", type=int, default=0)
+
+    sweep = commands.add_parser(
+        "sweep", help="a base config x the axes to vary: every cell a `gss run` on the cluster, then one comparison",
+        description="SWEEP.yaml names a base config, overrides for every cell and the axes to vary (see "
+                    "configs/sweep-miniature.yaml). Datasets are prepared once; cells run side by side as the cluster's "
+                    "resources allow; finished cells are skipped on a re-run; a failed cell does not stop the others.")
+    sweep.add_argument("sweep", metavar="SWEEP.yaml")
+    sweep.add_argument("overrides", nargs="*", metavar="key.sub=value", help="for every cell, after the sweep's own")
+    sweep.set_defaults(func=cmd_sweep)
 
     submit = commands.add_parser(
         "submit", help="submit a gss command to a Ray cluster (Ray Jobs API); follow, status, logs, stop",

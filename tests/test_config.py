@@ -27,12 +27,20 @@ def test_config_overrides_and_unknown_keys(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
-def test_every_shipped_config_loads():
+def test_every_shipped_config_and_every_cell_of_the_shipped_sweeps_loads():
+    from jobs.sweep import load_sweep
+
     configs = sorted((REPO / "configs").glob("*.yaml"))
-    assert configs
-    for path in configs:
+    sweeps = [p for p in configs if p.name.startswith("sweep-")]
+    runs = [p for p in configs if p not in sweeps]
+    assert runs and sweeps
+    for path in runs:
         cfg = load_config(path)
         assert cfg.name and cfg.data.source.path, path
+    for path in sweeps:
+        spec = load_sweep(str(path))
+        names = [load_config(spec.base, cell.overrides).name for cell in spec.cells]
+        assert len(set(names)) == len(names) > 1, path
 
 
 @pytest.mark.parametrize("preset", PRESETS)

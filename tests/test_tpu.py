@@ -9,7 +9,7 @@ from pipeline.config import load_config
 from pipeline.train import scaling_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
+CONFIGS = sorted(p for p in CONFIG_DIR.glob("*.yaml") if not p.name.startswith("sweep-"))  # sweeps: below
 
 
 def listed_overrides(path: Path) -> list[list[str]]:
@@ -33,6 +33,16 @@ def test_every_shipped_run_gets_a_scaling_config_ray_accepts(path):
             assert tc.backend == "xla"
     if path.name.startswith("paper-"):
         assert any("train.topology=2x2x4" in o for o in map(" ".join, runs)), "the v4-32 run is listed"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("sweep-*.yaml")), ids=lambda p: p.stem)
+def test_every_cell_of_the_shipped_sweeps_gets_a_scaling_config_ray_accepts(path):
+    from jobs.sweep import load_sweep
+
+    spec = load_sweep(str(path))
+    for cell in spec.cells:
+        tc = load_config(spec.base, cell.overrides).train
+        assert scaling_config(tc).num_workers == tc.num_workers
 
 
 def test_a_slice_of_four_hosts_needs_four_workers():
