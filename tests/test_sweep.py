@@ -22,7 +22,7 @@ def sweep_file(tmp_path_factory, ray_cluster):
         "axes": {"corpus": {"a": {"data.source.path": str(root / "a")}, "b": {"data.source.path": str(root / "b")}},
                  "arch": {"gss": {"train.preset": "small-gss"}, "transformer": {"train.preset": "small-transformer"},
                           "typo": {"train.preset": "small-gsss"}}},
-    }))
+    }, sort_keys=False))  # the axes in this order: cells are named <sweep>-<corpus>-<arch>
     return root / "sweep.yaml"
 
 
