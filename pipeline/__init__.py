@@ -12,7 +12,9 @@
     backends.py    cpu / cuda / xla: device, wrapping (DDP, FSDP2, SPMD), autocast, syncs.
     checkpoint.py  what a training step leaves behind, when, and how it is read back (`gss eval` reads it too).
     train.py       `gss train`: the Ray Train worker loop and the driver around it.
-    evaluate.py    `gss eval`: perplexity against evaluation length, in pieces with the state carried.
+    registered_model.py  the model MLflow registers: a python_function logged as code, weights as tensors.
+    evaluate.py    `gss eval`: perplexity against evaluation length, in pieces with the state carried, on
+                   Scorer actors; and the validation of checkpoints during training.
     tracking.py    MLflow: where the store is, one run per stage, and the names (`Tag`, the registered model,
                    its alias) by which the stages find each other's results.
     logs.py        the terminal for people; the libraries' chatter to `<root>/logs/gss.log`.
