@@ -50,3 +50,21 @@ def write_json_atomic(fs: fsspec.AbstractFileSystem, path: str, value: Any) -> N
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
     with fs.open(path, "rb") as f:
         return json.loads(f.read())
+
+
+def ray_storage(url: str) -> tuple[str, Any, Any]:
+    """Where Ray Train persists a run's checkpoints: (storage_path, storage_filesystem, fs). Local folders as they
+    are; a bucket through fsspec (gcsfs for gs://: the usual Google credentials, and STORAGE_EMULATOR_HOST for an
+    emulator) wrapped for pyarrow, instead of pyarrow's own GCS client, which knows neither the config's
+    storage options nor an emulator."""
+    fs, path = filesystem(url)
+    if isinstance(fs, LocalFileSystem):
+        return url, None, fs
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return path, PyFileSystem(FSSpecHandler(fs)), fs
+
+
+def ray_checkpoint_url(checkpoint: Any, fs: fsspec.AbstractFileSystem) -> str:
+    """A Ray Train checkpoint's location as a URL the rest of the pipeline reads (gs://bucket/..., or a local path)."""
+    return checkpoint.path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(checkpoint.path)

@@ -41,7 +41,16 @@ from pipeline.config import (
 )
 from pipeline.dataset import TrainRows, dataset_dir, eval_windows, load_manifest
 from pipeline.logs import printed_to_log
-from pipeline.storage import absolute, filesystem, join, read_json, write_bytes_atomic, write_json_atomic
+from pipeline.storage import (
+    absolute,
+    filesystem,
+    join,
+    ray_checkpoint_url,
+    ray_storage,
+    read_json,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from pipeline.tracking import ALIAS, Tag, registered_name, tag_is
 
 DIVERGED = "diverged.json"
@@ -332,9 +341,10 @@ def train_stage(cfg: RunConfig) -> dict[str, Any]:
         client.set_terminated(run.info.run_id, "FAILED")
         raise TrainingError(f"training failed after {tc.max_failures} restarts: {e}") from e
 
+    storage = ray_storage(run_dir)[2]
     if fs.exists(diverged):
         client.set_terminated(run.info.run_id, "FAILED")
-        kept = result.checkpoint.path if result.checkpoint else "none yet"
+        kept = ray_checkpoint_url(result.checkpoint, storage) if result.checkpoint else "none yet"
         raise TrainingError(
             f"the loss became NaN/inf at step {read_json(fs, diverged)['step']}; the last good checkpoint is kept "
             f"({kept}). Lower train.lr or raise train.warmup_steps, then re-run the same run name to resume."
@@ -343,10 +353,11 @@ def train_stage(cfg: RunConfig) -> dict[str, Any]:
     model_uri = _register_model(client, run.info.run_id, final, model_cfg, registered_name(cfg),
                                 {Tag.DATASET: dataset, Tag.TOKENIZER_SHA256: manifest["tokenizer"]["sha256"],
                                  Tag.RUN_NAME: cfg.name})
-    client.set_tag(run.info.run_id, Tag.CHECKPOINT, final.path)
-    client.log_text(run.info.run_id, "\n".join(c.path for c, _ in result.best_checkpoints), "checkpoints.txt")
+    client.set_tag(run.info.run_id, Tag.CHECKPOINT, ray_checkpoint_url(final, storage))
+    client.log_text(run.info.run_id, "\n".join(ray_checkpoint_url(c, storage) for c, _ in result.best_checkpoints),
+                    "checkpoints.txt")
     client.set_terminated(run.info.run_id, "FINISHED")
-    return {"run_id": run.info.run_id, "checkpoint": final.path, "model_uri": model_uri,
+    return {"run_id": run.info.run_id, "checkpoint": ray_checkpoint_url(final, storage), "model_uri": model_uri,
             "metrics": result.metrics, "skipped": False}
 
 
@@ -375,8 +386,9 @@ def _trainer(cfg: RunConfig, payload: dict[str, Any]):
     tc = cfg.train
     scaling = scaling_config(tc)
     connect(cfg.ray)
+    storage_path, storage_filesystem, _ = ray_storage(absolute(join(cfg.root, "train")))
     run_config = ray.train.RunConfig(
-        name=cfg.name, storage_path=absolute(join(cfg.root, "train")),
+        name=cfg.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
         failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
     )
