@@ -140,3 +140,18 @@ def metric_steps(run, key: str) -> dict[int, float]:
     import mlflow
 
     return {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, key)}
+
+
+def train_killing_a_worker(root: Path, tree: dict) -> str:
+    """`gss train` of `tree` (under `root`/out) with rank 1 SIGKILLed once a checkpoint is registered (the
+    controller writes its snapshot file then); returns the job's output once it has finished successfully."""
+    import signal
+
+    job = start_train(tree)
+    run_dir = root / "out" / "train" / tree["name"]
+    pid = run_dir / "workers" / "rank-1.pid"
+    wait_for(job, lambda: (run_dir / "checkpoint_manager_snapshot.json").exists() and pid.exists(), "a checkpoint")
+    os.kill(int(pid.read_text()), signal.SIGKILL)
+    output, _ = job.communicate(timeout=300)
+    assert job.returncode == 0, output[-3000:]
+    return output

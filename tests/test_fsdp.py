@@ -4,7 +4,6 @@ autocast and torch.compile on the CPU; the CPU twins of benchmarks/gpu.sh."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,16 @@ from pipeline import checkpoint
 from pipeline.backends import make_backend
 from pipeline.config import TrainConfig, load_config
 from pipeline.train import make_optimizer, no_weight_decay, train_stage, train_step
-from tests.corpus import as_overrides, metric_steps, prepared, run_config, start_train, train_run, wait_for
+from tests.corpus import (
+    as_overrides,
+    metric_steps,
+    prepared,
+    run_config,
+    start_train,
+    train_killing_a_worker,
+    train_run,
+    wait_for,
+)
 from tests.tiny import tiny_config
 
 # 60 steps of 2 workers × 4 rows; checkpoints every 20 (and at the last step); no validation before the end
@@ -78,13 +86,7 @@ def test_the_checkpoint_holds_every_ranks_shard_and_the_registered_model_is_thei
 
 
 def test_an_fsdp_worker_killed_mid_run_resumes_from_the_shards_and_ends_as_if_never_killed(corpus, whole):
-    job = start_train(run_config(corpus / "out", corpus / "corpus", "killed", **RUN))
-    run_dir = corpus / "out" / "train" / "killed"
-    wait_for(job, lambda: (run_dir / "checkpoint_manager_snapshot.json").exists()
-             and (run_dir / "workers" / "rank-1.pid").exists(), "a checkpoint")
-    os.kill(int((run_dir / "workers" / "rank-1.pid").read_text()), signal.SIGKILL)
-    output, _ = job.communicate(timeout=300)
-    assert job.returncode == 0, output[-3000:]
+    train_killing_a_worker(corpus, run_config(corpus / "out", corpus / "corpus", "killed", **RUN))
 
     run = train_run(corpus, "killed")
     assert run.info.status == "FINISHED"

@@ -1,7 +1,6 @@
 """`gss train` on a real local Ray cluster: two CPU workers, real checkpoints, a real MLflow store, a killed worker."""
 
 import os
-import signal
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ from models import build_model
 from pipeline.config import TrainConfig, load_config
 from pipeline.dataset import TrainRows, dataset_dir
 from pipeline.train import TrainingError, learning_rate, make_optimizer, no_weight_decay, train_stage
-from tests.corpus import as_overrides, metric_steps, prepared, run_config, start_train, train_run, wait_for
+from tests.corpus import as_overrides, metric_steps, prepared, run_config, train_killing_a_worker, train_run
 from tests.tiny import tiny_config
 
 
@@ -111,15 +110,8 @@ def test_two_workers_train_and_mlflow_has_run_params_metrics_and_model(corpus):
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint_in_the_same_mlflow_run(corpus):
-    job = start_train(run_config(corpus / "out", corpus / "corpus", "fault", steps=300, checkpoint_every=20,
-                                 eval_every=100))
-    run_dir = corpus / "out" / "train" / "fault"
-    # the controller registers a reported checkpoint asynchronously; its snapshot file says it has one
-    wait_for(job, lambda: (run_dir / "checkpoint_manager_snapshot.json").exists()
-             and (run_dir / "workers" / "rank-1.pid").exists(), "a checkpoint")
-    os.kill(int((run_dir / "workers" / "rank-1.pid").read_text()), signal.SIGKILL)
-    output, _ = job.communicate(timeout=300)
-    assert job.returncode == 0, output[-3000:]
+    output = train_killing_a_worker(corpus, run_config(corpus / "out", corpus / "corpus", "fault", steps=300,
+                                                       checkpoint_every=20, eval_every=100))
     assert "[train] resumed from the checkpoint at step" in output, output[-5000:]
 
     run = train_run(corpus, "fault")
