@@ -23,7 +23,6 @@ import argparse
 import importlib.util
 import os
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from types import ModuleType
 
@@ -43,14 +42,6 @@ def load_ssm(path: str | None) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def top_ops(fn: Callable[[], None], k: int) -> list[tuple[str, float]]:
-    """The k ops with the most self time in one more call of fn, under torch.profiler: [(op, ms)]."""
-    with torch.profiler.profile() as prof:
-        fn()
-    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:k]
-    return [(e.key, e.self_cpu_time_total / 1e3) for e in ops]
 
 
 def cpu_seconds() -> tuple[float, float]:
@@ -89,7 +80,7 @@ def bench_ssm(args: argparse.Namespace, device: torch.device) -> list[dict]:
             row[f"{name} (ms)"] = t.median_s * 1e3
             print(f"ssm L={length} {name} {row['pass']}: {t.median_s * 1e3:.1f} ms (n={t.n})", flush=True)
             if args.profile:
-                row[f"{name} top ops"] = top_ops(run, args.profile)
+                row[f"{name} top ops"] = common.top_ops(run, device, args.profile)
                 print("  " + ", ".join(f"{op} {ms:.1f}" for op, ms in row[f"{name} top ops"]), flush=True)
         row["fastest"] = min((k for k in row if k.endswith("(ms)")), key=row.get).removesuffix(" (ms)")
         rows.append(row)

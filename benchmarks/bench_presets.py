@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=32_000)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--profile", type=int, default=0, help="also list the K ops with most self time")
     common.add_common_args(parser, reps=10, budget_s=60.0)
     args = parser.parse_args()
     device = common.setup(args)
@@ -44,8 +45,8 @@ def main() -> None:
         ids = common.random_tokens(cfg, args.batch, args.length + 1, device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        t = common.measure(common.train_step(runnable, ids, args, optimizer), device, args.warmup, args.reps,
-                           args.budget_s)
+        step = common.train_step(runnable, ids, args, optimizer)
+        t = common.measure(step, device, args.warmup, args.reps, args.budget_s)
         tokens_per_s = args.batch * args.length / t.median_s
         flops = common.flops_per_token(model, args.length, args.batch, "train")
         rows.append({
@@ -55,6 +56,9 @@ def main() -> None:
             "peak memory (GB)": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
         })  # fmt: skip
         print(f"{name}: {t.median_s:.4f} s/step, {tokens_per_s:,.0f} tokens/s (n={t.n})", flush=True)
+        if args.profile:
+            rows[-1]["top ops"] = common.top_ops(step, device, args.profile)
+            print("\n".join(f"  {ms:8.1f} ms  {op}" for op, ms in rows[-1]["top ops"]), flush=True)
         del model, optimizer, runnable
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -126,6 +126,16 @@ def measure(fn: Callable[[], Any], device: torch.device, warmup: int, reps: int,
     return Timing(statistics.median(times), len(times))
 
 
+def top_ops(fn: Callable[[], Any], device: torch.device, k: int) -> list[tuple[str, float]]:
+    """The k ops with the most self time (on the GPU where there is one) in one more call of fn: [(op, ms)]."""
+    with torch.profiler.profile() as prof:
+        fn()
+        sync(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    ops = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)[:k]
+    return [(e.key, getattr(e, attr) / 1e3) for e in ops]
+
+
 def random_tokens(cfg: ModelConfig, batch: int, length: int, device: torch.device) -> torch.Tensor:
     return torch.randint(0, cfg.vocab_size, (batch, length), device=device)
 
