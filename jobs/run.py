@@ -20,9 +20,12 @@ def local_config(overrides: list[str]) -> RunConfig:
     """The README's main job: a small GSS on real local text, offline.
 
     The PG-19 sample of ../shared/corpora when it is there, else the Python standard library's own
-    source (real code every machine has), with a held-out tenth as validation and test.
+    source (real code every machine has), with a held-out tenth as validation and test. Overrides that name
+    a `data.source` of their own replace this choice whole, so none of the fallback's settings leak into it.
     """
-    if SHARED_PG19.is_dir():
+    if any(o.startswith("data.source") for o in overrides):
+        source = []
+    elif SHARED_PG19.is_dir():
         source = [f"data.source.path={SHARED_PG19}", "data.source.kind=pg19"]
     else:
         stdlib = sysconfig.get_paths()["stdlib"]

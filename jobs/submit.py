@@ -39,6 +39,20 @@ def entrypoint(command: list[str], commands: list[str]) -> str:
     return "python -m jobs.cli " + shlex.join(words[1:])
 
 
+def submit_when_an_agent_answers(client, timeout_s: float = 120.0, **job) -> str:
+    """`client.submit_job(**job)`, tried again while the head answers "No available agent": its job agent is
+    still starting (a cluster just brought up, a busy head), and the head itself waits only 10 s for one."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            print("gss submit: the cluster's job agent is not up yet; trying again", file=sys.stderr, flush=True)
+            time.sleep(2)
+
+
 def submit_main(args: argparse.Namespace, commands: list[str]) -> None:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -60,8 +74,8 @@ def submit_main(args: argparse.Namespace, commands: list[str]) -> None:
         print(f"stop requested: {client.stop_job(args.stop)}")
         return
 
-    job_id = client.submit_job(entrypoint=entrypoint(args.command, commands), runtime_env=runtime_env(),
-                               metadata={"gss": shlex.join(args.command)})
+    job_id = submit_when_an_agent_answers(client, entrypoint=entrypoint(args.command, commands),
+                                          runtime_env=runtime_env(), metadata={"gss": shlex.join(args.command)})
     print(f"submitted {job_id} to {address}\n  status: gss submit --status {job_id}\n"
           f"  logs:   gss submit --logs {job_id}\n  stop:   gss submit --stop {job_id}", flush=True)
     if not args.wait:

@@ -27,3 +27,15 @@ def test_main_job_without_shared_corpora_reads_the_standard_library(monkeypatch,
     assert {"train", "validation", "test"} == set(files) and all(files.values())
     assert any(f.endswith("/os.py") for split in files.values() for f in split)
     assert not any("site-packages" in f for split in files.values() for f in split)  # the library's own code only
+
+
+def test_a_source_of_ones_own_replaces_the_fallback_whole(monkeypatch, tmp_path):
+    """Where ../shared is absent, `gss run data.source.path=... data.source.kind=pg19` reads that PG-19 folder
+    with PG-19's splits, not the standard library fallback's `**/*.py` and holdout."""
+    import jobs.run
+
+    monkeypatch.setattr(jobs.run, "SHARED_PG19", tmp_path / "absent")
+    cfg = jobs.run.local_config([f"root={tmp_path}", f"data.source.path={tmp_path}", "data.source.kind=pg19"])
+    default = jobs.run.load_config(jobs.run.Path(jobs.run.__file__).parents[1] / "configs" / "local.yaml", [])
+    assert cfg.data.source.kind == "pg19" and cfg.data.source.splits == default.data.source.splits
+    assert cfg.data.source.holdout_fraction == default.data.source.holdout_fraction
