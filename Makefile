@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 XLA_VENV ?= .venv-xla
 
-.PHONY: setup setup-xla run test test-cpu test-xla
+.PHONY: setup setup-xla run test test-cpu test-xla test-gcs
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -30,6 +30,10 @@ test: test-cpu test-xla
 
 test-cpu: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" python -m pytest -m "not xla" $(PYTEST_ARGS)
+
+# The gs:// tests alone (they are part of test-cpu): every stage against a local GCS server.
+test-gcs: setup
+	PATH="$(abspath $(VENV))/bin:$$PATH" python -m pytest -m gcs $(PYTEST_ARGS)
 
 test-xla: setup-xla
 	PJRT_DEVICE=CPU CPU_NUM_DEVICES=4 GSS_REQUIRE_XLA=1 $(XLA_VENV)/bin/python -m pytest -m xla $(PYTEST_ARGS)

@@ -30,6 +30,7 @@ def _config(args: argparse.Namespace):
     """The command's config, checked whole; from here on the libraries log to <root>/logs/gss.log."""
     from pipeline.config import load_config
     from pipeline.logs import route_library_logs
+    from pipeline.storage import check_writable
 
     path, overrides = _config_words(args)
     if args.command == "run" and not path:
@@ -38,6 +39,8 @@ def _config(args: argparse.Namespace):
         cfg = local_config(overrides)  # no CONFIG: the README's main job on local text
     else:
         cfg = load_config(path, overrides)
+    if args.command != "generate":  # every other command writes under root: fail now, not after an hour
+        check_writable(cfg.root)
     route_library_logs(cfg.root)
     return cfg
 
@@ -202,12 +205,13 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.dataset import DatasetError
     from pipeline.evaluate import EvalError
     from pipeline.sources import SourceError
+    from pipeline.storage import StorageError
     from pipeline.train import TrainingError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, SourceError, DatasetError, TrainingError, EvalError) as e:  # they say what to do
+    except (ConfigError, SourceError, StorageError, DatasetError, TrainingError, EvalError) as e:  # say what to do
         raise SystemExit(f"gss {args.command}: {e}") from None
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import pyarrow.parquet as pq
 
 from pipeline.config import SPLITS, SourceConfig
-from pipeline.storage import filesystem, join
+from pipeline.storage import explain, filesystem, join
 
 KINDS = ("pg19", "arxiv", "github", "files")
 
@@ -88,6 +88,13 @@ def split_files(cfg: SourceConfig, splits: list[str]) -> dict[str, list[str]]:
     unknown = [s for s in splits if s not in SPLITS]
     if unknown:
         raise SourceError(f"data.splits has {unknown}; splits are {', '.join(SPLITS)}")
+    try:
+        return _split_files(cfg, splits)
+    except OSError as e:  # no bucket, no permission, no network: what the cloud says, and what to do
+        raise SourceError(f"cannot read the corpus (data.source.path): {explain(cfg.path, e)}") from e
+
+
+def _split_files(cfg: SourceConfig, splits: list[str]) -> dict[str, list[str]]:
     fs, root = filesystem(cfg.path, cfg.storage_options)
     if not fs.exists(root):
         raise SourceError(f"corpus path {cfg.path!r} does not exist (data.source.path)")

@@ -18,6 +18,47 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple
     return fs, path
 
 
+class StorageError(RuntimeError):
+    """The run's storage cannot be used; the message says why and what to do."""
+
+
+def explain(url: str, error: BaseException) -> str:
+    """A storage failure at `url` in words, with what to do about it: the cloud's usual failures (no bucket,
+    no permission, no answer) get their remedy, anything else its own message."""
+    protocol, path = fsspec.core.split_protocol(url)
+    bucket = path.split("/", 1)[0]
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if protocol in (None, "file", "local"):
+        return f"{url}: {type(error).__name__}: {text}"
+    if isinstance(error, FileNotFoundError):
+        return (f"{url}: the bucket {bucket!r} does not exist, or these credentials cannot see it: create it "
+                f"(`gcloud storage buckets create gs://{bucket} --location=REGION`) or name one that does")
+    denied = isinstance(error, PermissionError) or text.startswith("Forbidden")
+    if denied or getattr(error, "code", 0) in (401, 403):
+        return (f"{url}: permission denied ({text}). The account behind the credentials "
+                "(GOOGLE_APPLICATION_CREDENTIALS, `gcloud auth application-default login`, or the VM's service "
+                f"account) needs roles/storage.objectAdmin on gs://{bucket} (roles/storage.objectViewer to read only)")
+    if isinstance(error, (ConnectionError, TimeoutError)) or "Cannot connect" in text:
+        emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+        where = f"the GCS emulator at STORAGE_EMULATOR_HOST={emulator}" if emulator else "Google Cloud Storage"
+        return f"{url}: {where} does not answer ({text}); check the network and try again"
+    return f"{url}: {type(error).__name__}: {text}"
+
+
+def check_writable(url: str) -> None:
+    """Fail before any work starts when the root cannot be written to (no bucket, no permission, no network):
+    writes one empty object under it and deletes it again."""
+    fs, path = filesystem(url)
+    probe = join(path, f".gss-write-check-{uuid.uuid4().hex}")
+    try:
+        if isinstance(fs, LocalFileSystem):
+            fs.makedirs(path, exist_ok=True)
+        fs.pipe_file(probe, b"")
+        fs.rm_file(probe)
+    except Exception as e:  # noqa: BLE001 - each client fails its own way; explain() sorts them out
+        raise StorageError(f"cannot write to root: {explain(url, e)}") from e
+
+
 def absolute(url: str) -> str:
     """A local path made absolute (Ray workers do not share the driver's working folder); URLs unchanged."""
     return url if not url or "://" in url else os.path.abspath(url)

@@ -13,7 +13,7 @@ from typing import Any
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.config import ConfigError, RunConfig
-from pipeline.storage import filesystem, join
+from pipeline.storage import absolute, filesystem, join
 
 # The user's $MLFLOW_TRACKING_URI, read once: mlflow.set_tracking_uri() writes that variable itself, so a
 # later read would see the store of whichever config ran last in this process.
@@ -106,9 +106,16 @@ def setup(cfg: RunConfig) -> str:
     experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     if experiment is not None:
         return experiment.experiment_id
-    fs, _ = filesystem(cfg.root)
-    artifacts = os.path.abspath(join(cfg.root, "mlartifacts")) if isinstance(fs, LocalFileSystem) else None
-    return mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifacts)
+    return mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location(cfg, uri))
+
+
+def artifact_location(cfg: RunConfig, uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts (models, manifests, plots): beside the run's other files,
+    `<root>/mlartifacts` (a local folder or gs://, written through google-cloud-storage with the usual Google
+    credentials), unless a tracking server decides (infra/mlflow serves them from its own bucket)."""
+    if uri.startswith(("http://", "https://")):
+        return None
+    return absolute(join(cfg.root, "mlartifacts"))
 
 
 @contextlib.contextmanager

@@ -18,3 +18,22 @@ def ray_cluster():
     connect(RayConfig(num_cpus=2, dashboard=True))
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A local GCS server (tests/gcs.py) for the whole session, its address in this process's environment."""
+    import os
+
+    from tests.gcs import LocalGCS
+
+    server = LocalGCS(tmp_path_factory.mktemp("gcs")).start()
+    saved = {key: os.environ.get(key) for key in server.env}
+    os.environ.update(server.env)
+    yield server
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -143,15 +143,28 @@ def metric_steps(run, key: str) -> dict[int, float]:
 
 
 def train_killing_a_worker(root: Path, tree: dict) -> str:
-    """`gss train` of `tree` (under `root`/out) with rank 1 SIGKILLed once a checkpoint is registered (the
-    controller writes its snapshot file then); returns the job's output once it has finished successfully."""
+    """`gss train` of `tree` (under `root`/out) with rank 1 SIGKILLed once a checkpoint is registered; returns
+    the job's output once it has finished successfully."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    run_dir = str(root / "out" / "train" / tree["name"])
+    return kill_rank_1_once_checkpointed(start_train(tree), LocalFileSystem(), run_dir)
+
+
+def kill_rank_1_once_checkpointed(job: subprocess.Popen, fs, run_dir: str) -> str:
+    """SIGKILL training rank 1 of `job` (`gss train` or `gss run`) once a checkpoint of its run folder `run_dir`
+    in `fs` (local or a bucket) is registered (the controller writes its snapshot file then); returns the job's
+    output once it has finished successfully."""
     import signal
 
-    job = start_train(tree)
-    run_dir = root / "out" / "train" / tree["name"]
-    pid = run_dir / "workers" / "rank-1.pid"
-    wait_for(job, lambda: (run_dir / "checkpoint_manager_snapshot.json").exists() and pid.exists(), "a checkpoint")
-    os.kill(int(pid.read_text()), signal.SIGKILL)
+    pid = f"{run_dir}/workers/rank-1.pid"
+
+    def checkpointed() -> bool:
+        fs.invalidate_cache()
+        return fs.exists(f"{run_dir}/checkpoint_manager_snapshot.json") and fs.exists(pid)
+
+    wait_for(job, checkpointed, "a checkpoint")
+    os.kill(int(fs.cat_file(pid)), signal.SIGKILL)
     output, _ = job.communicate(timeout=300)
     assert job.returncode == 0, output[-3000:]
     return output

@@ -1,0 +1,135 @@
+"""Every stage on gs:// against a local GCS server (tests/gcs.py): the run's root in one bucket, the corpus in
+another laid out like the public gs://deepmind-gutenberg and read as configs/paper-pg19.yaml reads it; the
+cloud's usual failures as errors that say what to do."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs.cli import main
+from pipeline.config import load_config
+from pipeline.sources import SourceError, split_files
+from tests.corpus import as_overrides, kill_rank_1_once_checkpointed, run_config, write_pg19
+
+pytestmark = pytest.mark.gcs
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def upload(fs, folder: Path, url: str) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            fs.pipe_file(f"{url.removeprefix('gs://')}/{path.relative_to(folder)}", path.read_bytes())
+
+
+@pytest.fixture(scope="module")
+def gutenberg(gcs, tmp_path_factory):
+    """A bucket named and laid out like gs://deepmind-gutenberg (train/, validation/, test/ of .txt books)."""
+    corpus = tmp_path_factory.mktemp("pg19")
+    write_pg19(corpus, counts=(8, 2, 2), words=(1500, 3000))
+    upload(gcs.filesystem(), corpus, gcs.bucket("deepmind-gutenberg"))
+    return load_config(ROOT / "configs" / "paper-pg19.yaml").data.source  # its path, kind and storage options
+
+
+def gss(command: list[str], env: dict, cwd: Path, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "jobs.cli", *command], env=env, cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+def finished(job: subprocess.Popen) -> str:
+    output, _ = job.communicate(timeout=600)
+    assert job.returncode == 0, output[-3000:]
+    return output
+
+
+def test_the_public_pg19_bucket_layout_reads_anonymously(gutenberg):
+    assert gutenberg.path == "gs://deepmind-gutenberg" and gutenberg.storage_options == {"token": "anon"}
+    files = split_files(gutenberg, ["train", "validation", "test"])
+    assert [len(files[s]) for s in ("train", "validation", "test")] == [8, 2, 2]
+    assert all(f.startswith("gs://deepmind-gutenberg/train/") and f.endswith(".txt") for f in files["train"])
+
+
+def test_a_whole_run_on_gs_with_a_worker_killed_then_reeval_compare_generate(gcs, gutenberg, tmp_path):
+    """`gss run` with root=gs://: dataset, checkpoints, eval results, plots and MLflow artifacts land in the
+    bucket (the tracking store stays local), a SIGKILLed worker resumes from its gs:// checkpoint, and the
+    other commands work from that state. Nothing lands in the working folder."""
+    import mlflow
+
+    root = f"{gcs.bucket('gss-runs')}/e2e"
+    tree = run_config(root, "unused", "gcs", steps=40, checkpoint_every=10, eval_every=20)
+    tree["data"]["source"] = {"kind": gutenberg.kind, "path": gutenberg.path,
+                              "storage_options": gutenberg.storage_options}
+    tree["eval"] = {"lengths": [64, 128], "piece_tokens": 64}
+    tree["tracking"] = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    config = tmp_path / "gcs.yaml"  # one config for every command, as a user keeps it
+    config.write_text(yaml.safe_dump(tree))
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")} | gcs.env
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+
+    fs = gcs.filesystem()
+    bucket_root = root.removeprefix("gs://")
+    output = kill_rank_1_once_checkpointed(gss(["run", str(config)], env, cwd), fs, f"{bucket_root}/train/gcs")
+    assert "[train] resumed from the checkpoint at step" in output, output[-5000:]
+
+    fs.invalidate_cache()
+    stored = fs.find(bucket_root)
+    assert any(p.endswith("/manifest.json") for p in stored if "/datasets/" in p), stored
+    assert any("/train/gcs/checkpoint_" in p and p.endswith("/state.pt") for p in stored), stored
+    assert {f"{bucket_root}/eval/gcs/{name}" for name in ("results.json", "ppl_vs_length.png")} <= set(stored)
+    artifacts = [p for p in stored if "/mlartifacts/" in p]
+    assert any(p.endswith("/MLmodel") for p in artifacts) and any(p.endswith("ppl_vs_length.png") for p in artifacts)
+
+    mlflow.set_tracking_uri(tree["tracking"]["uri"])
+    runs = mlflow.search_runs(experiment_names=["gss"], filter_string="tags.`gss.train_name` = 'gcs'",
+                              output_format="list")
+    assert len(runs) == 1 and runs[0].info.artifact_uri.startswith(f"{root}/mlartifacts/")
+    history = mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "resumed_at_step")
+    assert history and history[0].value % 10 == 0  # from a checkpoint
+
+    reevaluated = finished(gss(["reeval", str(config), "eval.lengths=[32, 64, 128]"], env, cwd))
+    assert "L=    32" in reevaluated, reevaluated[-3000:]
+    finished(gss(["compare", str(config)], env, cwd))
+    fs.invalidate_cache()
+    assert fs.exists(f"{bucket_root}/compare/gss/compare.png")
+    text = finished(gss(["generate", str(config), "--prompt", "The river", "--max-new-tokens", "8"], env, cwd))
+    assert "The river" in text
+    assert list(cwd.iterdir()) == []  # nothing of the run on local disk (logs: a cache under the temp folder)
+
+
+def test_a_root_in_a_bucket_that_does_not_exist_fails_before_any_work(gcs, tmp_path):
+    tree = run_config("gs://no-such-bucket/run", tmp_path, "missing")
+    with pytest.raises(SystemExit, match=r"gss prepare: cannot write to root: gs://no-such-bucket/run: the bucket "
+                                         r"'no-such-bucket' does not exist.*gcloud storage buckets create"):
+        main(["prepare", *as_overrides(tree)])
+
+
+@pytest.fixture
+def forbidden(gcs):
+    """gs:// through a client whose every request the server refuses with 403, as gcsfs sees a bucket these
+    credentials have no rights on (the emulator itself cannot refuse)."""
+    import fsspec
+    import gcsfs
+    from gcsfs.retry import validate_response
+
+    class Forbidding(gcsfs.GCSFileSystem):
+        async def _request(self, method, path, *args, **kwargs):
+            body = b'{"error": {"code": 403, "message": "caller does not have storage.objects.create access"}}'
+            validate_response(403, body, path, args)
+
+    fsspec.register_implementation("gs", Forbidding, clobber=True)
+    yield
+    fsspec.register_implementation("gs", gcsfs.GCSFileSystem, clobber=True)
+
+
+def test_no_permission_on_the_root_or_the_corpus_says_which_role_is_missing(forbidden, tmp_path):
+    tree = run_config("gs://someone-elses/run", tmp_path, "denied")
+    with pytest.raises(SystemExit, match=r"gss prepare: cannot write to root: gs://someone-elses/run: permission "
+                                         r"denied \(Forbidden.*roles/storage.objectAdmin on gs://someone-elses"):
+        main(["prepare", *as_overrides(tree)])
+    source = load_config(None, [f"data.source.path=gs://someone-elses/pg19", "data.source.kind=pg19"]).data.source
+    with pytest.raises(SourceError, match="cannot read the corpus.*permission denied.*roles/storage.objectViewer"):
+        split_files(source, ["train"])
