@@ -42,6 +42,7 @@ def _config(args: argparse.Namespace):
     if args.command != "generate":  # every other command writes under root: fail now, not after an hour
         check_writable(cfg.root)
     route_library_logs(cfg.root)
+    args.root = cfg.root  # for main() to name the storage in an error
     return cfg
 
 
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.dataset import DatasetError
     from pipeline.evaluate import EvalError
     from pipeline.sources import SourceError
-    from pipeline.storage import StorageError
+    from pipeline.storage import StorageError, explain, storage_failure
     from pipeline.train import TrainingError
 
     args = build_parser().parse_args(argv)
@@ -213,6 +214,13 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except (ConfigError, SourceError, StorageError, DatasetError, TrainingError, EvalError) as e:  # say what to do
         raise SystemExit(f"gss {args.command}: {e}") from None
+    except Exception as e:
+        failure = storage_failure(e)  # the storage went away mid-command, after its client's retries
+        if failure is None:
+            raise
+        raise SystemExit(f"gss {args.command}: {explain(getattr(args, 'root', 'storage'), failure)}. What was "
+                         "complete is kept and nothing half-written counts as done: run the same command again to "
+                         "go on from there") from None
 
 
 if __name__ == "__main__":

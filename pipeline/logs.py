@@ -47,6 +47,8 @@ def route_library_logs(root: str) -> str:
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     to_terminal = logging.StreamHandler(sys.stderr)
     to_terminal.setLevel(logging.ERROR)
+    # storage clients log each request that ran out of retries; the command then fails with the error explained
+    to_terminal.addFilter(lambda record: not record.name.startswith(("gcsfs", "google")))
     logging.captureWarnings(True)  # warnings.warn -> the py.warnings logger
     root = logging.getLogger()
     for handler in _installed:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 import uuid
 from typing import Any
 
@@ -43,6 +44,27 @@ def explain(url: str, error: BaseException) -> str:
         where = f"the GCS emulator at STORAGE_EMULATOR_HOST={emulator}" if emulator else "Google Cloud Storage"
         return f"{url}: {where} does not answer ({text}); check the network and try again"
     return f"{url}: {type(error).__name__}: {text}"
+
+
+def storage_failure(error: BaseException) -> OSError | None:
+    """The OSError behind `error` (itself, or its cause's), if it failed on I/O; else None. Ray's errors from
+    tasks and actors carry the remote traceback as text only, so that text is read too."""
+    seen: set[int] = set()
+    texts = []
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        if type(error).__module__.startswith("ray."):
+            texts.append(str(error))
+        error = getattr(error, "cause", None) or error.__cause__
+    found = re.findall(r"^[\w.]*?(\w*(?:Connect|Timeout|FileNotFound|Permission)\w*Error): (.*)$", "\n".join(texts),
+                       re.MULTILINE)
+    if not found:
+        return None
+    name, message = found[-1]
+    kind = FileNotFoundError if "FileNotFound" in name else PermissionError if "Permission" in name else ConnectionError
+    return kind(message)
 
 
 def check_writable(url: str) -> None:

@@ -76,7 +76,8 @@ def tracking_uri(cfg: RunConfig) -> str:
     if not isinstance(fs, LocalFileSystem):
         raise ConfigError(
             f"root is {cfg.root!r}, and a sqlite MLflow store cannot live in a bucket: set tracking.uri "
-            "(or MLFLOW_TRACKING_URI) to your tracking server, see infra/mlflow"
+            "(or MLFLOW_TRACKING_URI) to your tracking server (infra/mlflow), or to a local store, e.g. "
+            f"tracking.uri=sqlite:///{os.path.expanduser('~')}/gss-mlflow.db (artifacts still go to the bucket)"
         )
     os.makedirs(root, exist_ok=True)
     return f"sqlite:///{os.path.abspath(join(root, 'mlflow.db'))}"

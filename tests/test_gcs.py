@@ -5,6 +5,7 @@ cloud's usual failures as errors that say what to do."""
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,53 @@ def test_no_permission_on_the_root_or_the_corpus_says_which_role_is_missing(forb
     source = load_config(None, [f"data.source.path=gs://someone-elses/pg19", "data.source.kind=pg19"]).data.source
     with pytest.raises(SourceError, match="cannot read the corpus.*permission denied.*roles/storage.objectViewer"):
         split_files(source, ["train"])
+
+
+def test_storage_going_away_mid_prepare_leaves_nothing_half_done_and_a_rerun_completes(gcs, tmp_path):
+    """The server is killed once the first unit's shard is in: `gss prepare` fails with a short error (no
+    traceback), the dataset is not complete, and every shard there is whole; with the server back, the same
+    command completes, and its shards are byte for byte those of an uninterrupted prepare."""
+    import pyarrow.parquet as pq
+
+    from pipeline.dataset import dataset_dir, is_complete
+
+    fs = gcs.filesystem()
+    write_pg19(tmp_path / "corpus", counts=(12, 2, 2), words=(1500, 3000), seed=3)
+    upload(fs, tmp_path / "corpus", f"{gcs.bucket('flaky-corpus')}/pg19")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")} | gcs.env
+
+    def overrides(root: str) -> list[str]:
+        tree = run_config(f"{gcs.bucket('flaky-runs')}/{root}", "gs://flaky-corpus/pg19", "flaky")
+        tree["data"]["source"] |= {"storage_options": {"token": "anon"}, "unit_bytes": 20_000}  # a book a unit
+        tree["tracking"] = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+        return as_overrides(tree)
+
+    finished(gss(["prepare", *overrides("uninterrupted")], env, tmp_path))
+    reference = dataset_dir(load_config(None, overrides("uninterrupted")))
+
+    job = gss(["prepare", *overrides("interrupted")], env, tmp_path)
+    on_disk = gcs.folder / "data" / "flaky-runs" / "interrupted"
+    deadline = time.time() + 240
+    while not any(p.name.endswith(".json") for p in on_disk.rglob("unit-*")):  # the first unit's sidecar
+        assert job.poll() is None and time.time() < deadline, "prepare ended before writing its first unit"
+        time.sleep(0.02)
+    gcs.stop()
+    output, _ = job.communicate(timeout=300)
+    gcs.start()
+    assert job.returncode != 0 and "Traceback" not in output, output[-3000:]
+    assert "does not answer" in output and "run the same command again" in output, output[-3000:]
+
+    dataset = dataset_dir(load_config(None, overrides("interrupted")))
+    assert not is_complete(dataset)
+    fs.invalidate_cache()
+    for shard in fs.glob(f"{dataset.removeprefix('gs://')}/**/*.parquet"):
+        pq.read_metadata(fs.open(shard, "rb"))  # whole, or not there at all
+
+    finished(gss(["prepare", *overrides("interrupted")], env, tmp_path))
+    fs.invalidate_cache()
+    assert is_complete(dataset)
+    shards = {url: sorted(p.removeprefix(url.removeprefix("gs://")) for p in fs.find(url) if p.endswith(".parquet"))
+              for url in (reference, dataset)}
+    assert shards[reference] and shards[reference] == shards[dataset]
+    for name in shards[reference]:
+        assert fs.cat_file(reference.removeprefix("gs://") + name) == fs.cat_file(dataset.removeprefix("gs://") + name)
