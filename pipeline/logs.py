@@ -34,6 +34,19 @@ def log_folder(root: str) -> str:
     return os.path.join(tempfile.gettempdir(), "gss-logs", path.replace("/", "_"))
 
 
+class FirstLine(logging.Formatter):
+    """A library's error on the terminal: its first line and where the rest is (tracebacks stay in the file)."""
+
+    def __init__(self, log_file: str):
+        super().__init__()
+        self.log_file = log_file
+
+    def format(self, record: logging.LogRecord) -> str:
+        lines = record.getMessage().strip().splitlines() or [""]
+        more = f" (more in {self.log_file})" if len(lines) > 1 or record.exc_info else ""
+        return f"{record.name}: {lines[0]}{more}"
+
+
 def route_library_logs(root: str) -> str:
     """Send the libraries' logging to `<log folder>/gss.log` (errors to the terminal too); returns the file."""
     import mlflow  # noqa: F401 - each configures its loggers on import: import first, then reconfigure
@@ -47,6 +60,7 @@ def route_library_logs(root: str) -> str:
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     to_terminal = logging.StreamHandler(sys.stderr)
     to_terminal.setLevel(logging.ERROR)
+    to_terminal.setFormatter(FirstLine(path))
     # storage clients log each request that ran out of retries; the command then fails with the error explained
     to_terminal.addFilter(lambda record: not record.name.startswith(("gcsfs", "google")))
     logging.captureWarnings(True)  # warnings.warn -> the py.warnings logger

@@ -47,17 +47,22 @@ def explain(url: str, error: BaseException) -> str:
 
 
 def storage_failure(error: BaseException) -> OSError | None:
-    """The OSError behind `error` (itself, or its cause's), if it failed on I/O; else None. Ray's errors from
-    tasks and actors carry the remote traceback as text only, so that text is read too."""
+    """The OSError behind `error` (itself, or one of its causes), if it failed on I/O; else None. Ray's errors
+    from tasks and actors may carry the remote traceback as text only, so that text is read too."""
     seen: set[int] = set()
     texts = []
-    while error is not None and id(error) not in seen:
+    todo = [error]
+    while todo:
+        error = todo.pop(0)
+        if error is None or id(error) in seen:
+            continue
         if isinstance(error, OSError):
             return error
         seen.add(id(error))
         if type(error).__module__.startswith("ray."):
             texts.append(str(error))
-        error = getattr(error, "cause", None) or error.__cause__
+        todo += [getattr(error, "cause", None), getattr(error, "controller_failure", None),  # Ray, Ray Train
+                 *getattr(error, "worker_failures", {}).values(), error.__cause__]
     found = re.findall(r"^[\w.]*?(\w*(?:Connect|Timeout|FileNotFound|Permission)\w*Error): (.*)$", "\n".join(texts),
                        re.MULTILINE)
     if not found:

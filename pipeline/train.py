@@ -43,11 +43,13 @@ from pipeline.dataset import TrainRows, dataset_dir, eval_windows, load_manifest
 from pipeline.logs import printed_to_log
 from pipeline.storage import (
     absolute,
+    explain,
     filesystem,
     join,
     ray_checkpoint_url,
     ray_storage,
     read_json,
+    storage_failure,
     write_bytes_atomic,
     write_json_atomic,
 )
@@ -339,6 +341,10 @@ def train_stage(cfg: RunConfig) -> dict[str, Any]:
             result = trainer.fit()
     except Exception as e:
         client.set_terminated(run.info.run_id, "FAILED")
+        failure = storage_failure(e)
+        if failure is not None:  # nothing to restart on: the checkpoints' storage itself is gone
+            raise TrainingError(f"training stopped: {explain(run_dir, failure)}. Checkpoints count only once whole: "
+                                "run the same command again to resume from the last one") from e
         raise TrainingError(f"training failed after {tc.max_failures} restarts: {e}") from e
 
     storage = ray_storage(run_dir)[2]

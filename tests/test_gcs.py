@@ -14,7 +14,7 @@ import yaml
 from jobs.cli import main
 from pipeline.config import load_config
 from pipeline.sources import SourceError, split_files
-from tests.corpus import as_overrides, kill_rank_1_once_checkpointed, run_config, write_pg19
+from tests.corpus import as_overrides, kill_rank_1_once_checkpointed, run_config, wait_for, write_pg19
 
 pytestmark = pytest.mark.gcs
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,10 +136,12 @@ def test_no_permission_on_the_root_or_the_corpus_says_which_role_is_missing(forb
         split_files(source, ["train"])
 
 
-def test_storage_going_away_mid_prepare_leaves_nothing_half_done_and_a_rerun_completes(gcs, tmp_path):
-    """The server is killed once the first unit's shard is in: `gss prepare` fails with a short error (no
-    traceback), the dataset is not complete, and every shard there is whole; with the server back, the same
-    command completes, and its shards are byte for byte those of an uninterrupted prepare."""
+def test_storage_going_away_mid_write_leaves_nothing_half_done_and_the_same_command_goes_on(gcs, tmp_path):
+    """The server is killed while `gss prepare` writes its units, then while `gss train` checkpoints: each
+    command ends with one line saying what happened and what to do, nothing half-written
+    counts as done, and with the server back the same command goes on: the dataset byte for byte that of an
+    uninterrupted prepare, the training resumed from its last whole checkpoint."""
+    import mlflow
     import pyarrow.parquet as pq
 
     from pipeline.dataset import dataset_dir, is_complete
@@ -150,32 +152,35 @@ def test_storage_going_away_mid_prepare_leaves_nothing_half_done_and_a_rerun_com
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")} | gcs.env
 
     def overrides(root: str) -> list[str]:
-        tree = run_config(f"{gcs.bucket('flaky-runs')}/{root}", "gs://flaky-corpus/pg19", "flaky")
+        tree = run_config(f"{gcs.bucket('flaky-runs')}/{root}", "gs://flaky-corpus/pg19", "flaky", steps=20,
+                          checkpoint_every=5, eval_every=1000)
         tree["data"]["source"] |= {"storage_options": {"token": "anon"}, "unit_bytes": 20_000}  # a book a unit
         tree["tracking"] = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
         return as_overrides(tree)
 
+    def fails_while_the_server_is_down(command: list[str], written: Path) -> str:
+        """Start `command`, kill the server once `written` exists on its disk, restart it once the command ended."""
+        job = gss(command, env, tmp_path)
+        wait_for(job, written.exists, str(written), seconds=240)
+        gcs.stop()
+        output, _ = job.communicate(timeout=300)
+        gcs.start()
+        last = output.strip().splitlines()[-1]  # what the command says, after Ray's own one-line error reports
+        assert job.returncode != 0 and last.startswith(f"gss {command[0]}"), output[-3000:]
+        assert "does not answer" in last and "run the same command again" in last, output[-3000:]
+        fs.invalidate_cache()
+        return output
+
     finished(gss(["prepare", *overrides("uninterrupted")], env, tmp_path))
     reference = dataset_dir(load_config(None, overrides("uninterrupted")))
-
-    job = gss(["prepare", *overrides("interrupted")], env, tmp_path)
-    on_disk = gcs.folder / "data" / "flaky-runs" / "interrupted"
-    deadline = time.time() + 240
-    while not any(p.name.endswith(".json") for p in on_disk.rglob("unit-*")):  # the first unit's sidecar
-        assert job.poll() is None and time.time() < deadline, "prepare ended before writing its first unit"
-        time.sleep(0.02)
-    gcs.stop()
-    output, _ = job.communicate(timeout=300)
-    gcs.start()
-    assert job.returncode != 0 and "Traceback" not in output, output[-3000:]
-    assert "does not answer" in output and "run the same command again" in output, output[-3000:]
-
     dataset = dataset_dir(load_config(None, overrides("interrupted")))
+    on_disk = gcs.folder / "data" / dataset.removeprefix("gs://")
+
+    first_unit = on_disk / "_work" / "units" / "train" / "unit-00000.json"  # its sidecar, written last
+    fails_while_the_server_is_down(["prepare", *overrides("interrupted")], first_unit)
     assert not is_complete(dataset)
-    fs.invalidate_cache()
     for shard in fs.glob(f"{dataset.removeprefix('gs://')}/**/*.parquet"):
         pq.read_metadata(fs.open(shard, "rb"))  # whole, or not there at all
-
     finished(gss(["prepare", *overrides("interrupted")], env, tmp_path))
     fs.invalidate_cache()
     assert is_complete(dataset)
@@ -184,3 +189,15 @@ def test_storage_going_away_mid_prepare_leaves_nothing_half_done_and_a_rerun_com
     assert shards[reference] and shards[reference] == shards[dataset]
     for name in shards[reference]:
         assert fs.cat_file(reference.removeprefix("gs://") + name) == fs.cat_file(dataset.removeprefix("gs://") + name)
+
+    run_dir = gcs.folder / "data" / "flaky-runs" / "interrupted" / "train" / "flaky"
+    fails_while_the_server_is_down(["train", *overrides("interrupted")], run_dir / "checkpoint_manager_snapshot.json")
+    output = finished(gss(["train", *overrides("interrupted")], env, tmp_path))
+    assert "registered gss-flaky version 1" in output, output[-3000:]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = mlflow.search_runs(experiment_names=["gss"], filter_string="tags.`gss.train_name` = 'flaky'",
+                             output_format="list")[0]
+    client = mlflow.MlflowClient()
+    resumed = [m.value for m in client.get_metric_history(run.info.run_id, "resumed_at_step")]
+    assert resumed and all(step > 0 and step % 5 == 0 for step in resumed), resumed  # from a whole checkpoint
+    assert max(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == 20
