@@ -61,9 +61,9 @@ class LocalGCS:
 
     def filesystem(self):
         """A gcsfs client of this server (anonymous: the emulator checks no credentials)."""
+        os.environ.update(self.env)  # before gcsfs is first imported: it reads GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT then
         import gcsfs
 
-        os.environ.update(self.env)
         return gcsfs.GCSFileSystem(token="anon", skip_instance_cache=True)
 
     def bucket(self, name: str) -> str:
