@@ -17,7 +17,6 @@ and not a network: real GCS adds each request's round trip.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import torch
 import yaml
 
 from benchmarks.common import print_table, write_json
-from tests.corpus import write_pg19
+from tests.corpus import fresh_process_env, write_pg19
 from tests.gcs import LocalGCS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +68,7 @@ def main() -> None:
     base = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
     base["train"] |= {"steps": args.steps, "checkpoint_every": args.steps // 2, "eval_every": args.steps}
     base["eval"] |= {"during_training": 0}
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")} | gcs.env
+    env = fresh_process_env(**gcs.env)
     rows = []
     for where, source, root in [("local", {"path": str(corpus)}, str(work / "local")),
                                 ("gs://", {"path": "gs://corpus/pg19", "storage_options": {"token": "anon"}},

@@ -120,17 +120,17 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
         return json.loads(f.read())
 
 
-def ray_storage(url: str) -> tuple[str, Any, Any]:
-    """Where Ray Train persists a run's checkpoints: (storage_path, storage_filesystem, fs). Local folders as they
+def ray_storage(url: str) -> tuple[str, Any]:
+    """Where Ray Train persists a run's checkpoints: (storage_path, storage_filesystem). Local folders as they
     are; a bucket through fsspec (gcsfs for gs://: the usual Google credentials, and STORAGE_EMULATOR_HOST for an
     emulator) wrapped for pyarrow, instead of pyarrow's own GCS client, which knows neither the config's
     storage options nor an emulator."""
     fs, path = filesystem(url)
     if isinstance(fs, LocalFileSystem):
-        return url, None, fs
+        return url, None
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    return path, PyFileSystem(FSSpecHandler(fs)), fs
+    return path, PyFileSystem(FSSpecHandler(fs))
 
 
 def ray_checkpoint_url(checkpoint: Any, fs: fsspec.AbstractFileSystem) -> str:

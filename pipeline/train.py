@@ -43,7 +43,6 @@ from pipeline.dataset import TrainRows, dataset_dir, eval_windows, load_manifest
 from pipeline.logs import printed_to_log
 from pipeline.storage import (
     absolute,
-    explain,
     filesystem,
     join,
     ray_checkpoint_url,
@@ -341,16 +340,13 @@ def train_stage(cfg: RunConfig) -> dict[str, Any]:
             result = trainer.fit()
     except Exception as e:
         client.set_terminated(run.info.run_id, "FAILED")
-        failure = storage_failure(e)
-        if failure is not None:  # nothing to restart on: the checkpoints' storage itself is gone
-            raise TrainingError(f"training stopped: {explain(run_dir, failure)}. Checkpoints count only once whole: "
-                                "run the same command again to resume from the last one") from e
+        if storage_failure(e) is not None:  # the storage itself is gone, not the training: `gss` says what to do
+            raise
         raise TrainingError(f"training failed after {tc.max_failures} restarts: {e}") from e
 
-    storage = ray_storage(run_dir)[2]
     if fs.exists(diverged):
         client.set_terminated(run.info.run_id, "FAILED")
-        kept = ray_checkpoint_url(result.checkpoint, storage) if result.checkpoint else "none yet"
+        kept = ray_checkpoint_url(result.checkpoint, fs) if result.checkpoint else "none yet"
         raise TrainingError(
             f"the loss became NaN/inf at step {read_json(fs, diverged)['step']}; the last good checkpoint is kept "
             f"({kept}). Lower train.lr or raise train.warmup_steps, then re-run the same run name to resume."
@@ -359,11 +355,12 @@ def train_stage(cfg: RunConfig) -> dict[str, Any]:
     model_uri = _register_model(client, run.info.run_id, final, model_cfg, registered_name(cfg),
                                 {Tag.DATASET: dataset, Tag.TOKENIZER_SHA256: manifest["tokenizer"]["sha256"],
                                  Tag.RUN_NAME: cfg.name})
-    client.set_tag(run.info.run_id, Tag.CHECKPOINT, ray_checkpoint_url(final, storage))
-    client.log_text(run.info.run_id, "\n".join(ray_checkpoint_url(c, storage) for c, _ in result.best_checkpoints),
+    final_url = ray_checkpoint_url(final, fs)
+    client.set_tag(run.info.run_id, Tag.CHECKPOINT, final_url)
+    client.log_text(run.info.run_id, "\n".join(ray_checkpoint_url(c, fs) for c, _ in result.best_checkpoints),
                     "checkpoints.txt")
     client.set_terminated(run.info.run_id, "FINISHED")
-    return {"run_id": run.info.run_id, "checkpoint": ray_checkpoint_url(final, storage), "model_uri": model_uri,
+    return {"run_id": run.info.run_id, "checkpoint": final_url, "model_uri": model_uri,
             "metrics": result.metrics, "skipped": False}
 
 
@@ -392,7 +389,7 @@ def _trainer(cfg: RunConfig, payload: dict[str, Any]):
     tc = cfg.train
     scaling = scaling_config(tc)
     connect(cfg.ray)
-    storage_path, storage_filesystem, _ = ray_storage(absolute(join(cfg.root, "train")))
+    storage_path, storage_filesystem = ray_storage(absolute(join(cfg.root, "train")))
     run_config = ray.train.RunConfig(
         name=cfg.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),

@@ -106,12 +106,18 @@ def prepared(root: Path, counts=(10, 2, 2), words=(2000, 5000)) -> Path:
     return root
 
 
+def fresh_process_env(**extra: str) -> dict[str, str]:
+    """This environment without the MLflow store and Ray cluster that earlier tests' libraries set in it: a `gss`
+    process started with it finds its own, as a user's would."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    return env | extra
+
+
 def start_train(tree: dict) -> subprocess.Popen:
     """`gss train` with the config `tree` as a separate driver process on this test session's Ray cluster."""
     import ray
 
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # set by earlier tests' mlflow
-    env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    env = fresh_process_env(RAY_ADDRESS=ray.get_runtime_context().gcs_address)
     return subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", *as_overrides(tree)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -2,10 +2,8 @@
 another laid out like the public gs://deepmind-gutenberg and read as configs/paper-pg19.yaml reads it; the
 cloud's usual failures as errors that say what to do."""
 
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,14 @@ import yaml
 from jobs.cli import main
 from pipeline.config import load_config
 from pipeline.sources import SourceError, split_files
-from tests.corpus import as_overrides, kill_rank_1_once_checkpointed, run_config, wait_for, write_pg19
+from tests.corpus import (
+    as_overrides,
+    fresh_process_env,
+    kill_rank_1_once_checkpointed,
+    run_config,
+    wait_for,
+    write_pg19,
+)
 
 pytestmark = pytest.mark.gcs
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +72,7 @@ def test_a_whole_run_on_gs_with_a_worker_killed_then_reeval_compare_generate(gcs
     tree["tracking"] = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     config = tmp_path / "gcs.yaml"  # one config for every command, as a user keeps it
     config.write_text(yaml.safe_dump(tree))
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")} | gcs.env
+    env = fresh_process_env(**gcs.env)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
 
@@ -131,7 +136,7 @@ def test_no_permission_on_the_root_or_the_corpus_says_which_role_is_missing(forb
     with pytest.raises(SystemExit, match=r"gss prepare: cannot write to root: gs://someone-elses/run: permission "
                                          r"denied \(Forbidden.*roles/storage.objectAdmin on gs://someone-elses"):
         main(["prepare", *as_overrides(tree)])
-    source = load_config(None, [f"data.source.path=gs://someone-elses/pg19", "data.source.kind=pg19"]).data.source
+    source = load_config(None, ["data.source.path=gs://someone-elses/pg19", "data.source.kind=pg19"]).data.source
     with pytest.raises(SourceError, match="cannot read the corpus.*permission denied.*roles/storage.objectViewer"):
         split_files(source, ["train"])
 
@@ -149,7 +154,7 @@ def test_storage_going_away_mid_write_leaves_nothing_half_done_and_the_same_comm
     fs = gcs.filesystem()
     write_pg19(tmp_path / "corpus", counts=(12, 2, 2), words=(1500, 3000), seed=3)
     upload(fs, tmp_path / "corpus", f"{gcs.bucket('flaky-corpus')}/pg19")
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")} | gcs.env
+    env = fresh_process_env(**gcs.env)
 
     def overrides(root: str) -> list[str]:
         tree = run_config(f"{gcs.bucket('flaky-runs')}/{root}", "gs://flaky-corpus/pg19", "flaky", steps=20,

@@ -8,7 +8,7 @@ from jobs.reeval import reeval
 from jobs.run import run_pipeline
 from pipeline.config import load_config
 from pipeline.evaluate import EvalError, eval_stage, suite_todo
-from tests.corpus import as_overrides, run_config, write_pg19
+from tests.corpus import as_overrides, fresh_process_env, run_config, write_pg19
 
 LENGTHS = [64, 128, 256, 1_000_000]  # the last is longer than every document: capped, not computed
 
@@ -112,14 +112,13 @@ def test_generate_decodes_greedily_from_the_registered_model(finished, capsys, t
 
 def test_the_console_shows_the_stages_and_the_libraries_talk_to_the_log_file(tmp_path):
     """`gss run` as users run it (a fresh process, its own local Ray cluster): a few dozen lines at most."""
-    import os
     import subprocess
     import sys
 
     write_pg19(tmp_path / "corpus", counts=(6, 1, 1), words=(1500, 3000))
     tree = run_config(tmp_path / "out", tmp_path / "corpus", "quiet", steps=10, eval_every=10, checkpoint_every=10)
     tree["eval"] = {"lengths": [64, 128], "piece_tokens": 64}
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env = fresh_process_env()
     job = subprocess.run([sys.executable, "-m", "jobs.cli", "run", *as_overrides(tree)], env=env,
                          capture_output=True, text=True, timeout=600)
     printed = job.stdout + job.stderr

@@ -3,7 +3,6 @@ time-based checkpoint interval (`train.checkpoint_minutes`)."""
 
 import os
 import signal
-import time
 
 import pytest
 

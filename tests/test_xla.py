@@ -117,9 +117,10 @@ def test_gss_train_reserves_a_simulated_two_host_tpu_slice(tmp_path):
 
     import mlflow
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    job = subprocess.run([sys.executable, "-m", "tests.tpu_slice", str(tmp_path)], env=env, capture_output=True,
-                         text=True, timeout=500)
+    from tests.corpus import fresh_process_env
+
+    job = subprocess.run([sys.executable, "-m", "tests.tpu_slice", str(tmp_path)], env=fresh_process_env(),
+                         capture_output=True, text=True, timeout=500)
     assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
     result = json.loads(job.stdout.strip().splitlines()[-1])
     client = mlflow.MlflowClient(result["tracking_uri"])
