@@ -3,7 +3,8 @@
 Everything the libraries say (Ray, Ray Data, Ray Train, MLflow and its database migrations, Python warnings)
 goes to `<root>/logs/gss.log` instead; errors also reach the terminal. Ray's own processes (the training
 workers and controller, Ray Data's actors) write to Ray's session folder, which the driver does not echo
-(`ray.init(log_to_driver=False)` in `pipeline.cluster`) and which `<root>/logs/ray` links to.
+(`ray.init(log_to_driver=False)` in `pipeline.cluster`) and which `<root>/logs/ray` links to. What native code
+in this process writes to its stderr (Ray's C++ core worker, gRPC) goes to gss.log too (`native_stderr_to`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ LIBRARIES = ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "alembic", "p
              "fsspec", "gcsfs", "google", "matplotlib")
 LOG_FILE = "gss.log"
 _installed: list[logging.Handler] = []  # ours on the root logger: replaced, not stacked, when routed again
+_terminal: list[io.TextIOWrapper] = []  # sys.stderr once native_stderr_to has moved file descriptor 2
 
 
 def log_folder(root: str) -> str:
@@ -56,6 +58,7 @@ def route_library_logs(root: str) -> str:
     folder = log_folder(root)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, LOG_FILE)
+    native_stderr_to(path)
     to_file = logging.FileHandler(path)
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     to_terminal = logging.StreamHandler(sys.stderr)
@@ -79,6 +82,27 @@ def route_library_logs(root: str) -> str:
         logger.propagate = True
     os.environ["GSS_LOG_FOLDER"] = folder  # for `pipeline.cluster` to link Ray's session logs here
     return path
+
+
+def native_stderr_to(path: str) -> None:
+    """File descriptor 2 of this process appends to `path`; Python's sys.stderr (progress bars, errors, tracebacks)
+    stays on the terminal through a copy of the old descriptor.
+
+    Native code writes its log lines to descriptor 2 directly. Ray's C++ core worker in the driver prints its
+    ERROR lines there as well as to its own log file (python-core-driver-*.log under `<log folder>/ray`), with no
+    switch between the two: RAY_BACKEND_LOG_LEVEL would drop them from the file too. One of them reads like a
+    failure in a run that is fine: every Ray Data actor pool (prepare's tokenizers) is created with constructor
+    arguments in the object store and max_restarts=-1, Ray Data's default that lets a lost actor be replaced,
+    and core_worker.cc says so once per process at ERROR ("... has constructor arguments in the object store and
+    max_restarts > 0 ..."). The fault tolerance stays; the line goes where the libraries' logs go.
+    """
+    if not _terminal:  # once per process: later calls only point descriptor 2 at another log file
+        sys.stderr.flush()
+        _terminal.append(open(os.dup(2), "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace"))
+        sys.stderr = _terminal[0]
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 2)
+    os.close(log)
 
 
 @contextlib.contextmanager

@@ -335,8 +335,14 @@ def train_stage(cfg: RunConfig) -> dict[str, Any]:
     if fs.exists(diverged):
         fs.rm(diverged)
     print(f"[train] {cfg.name}: {model_cfg.arch}, {tc.num_workers} {tc.backend} worker(s), {tc.steps} steps")
+    finishing = "saving the final checkpoint"
+    if cfg.eval.during_training:
+        from pipeline.evaluate import during_training_lengths
+
+        lengths = ", ".join(str(n) for n in during_training_lengths(cfg, manifest["seq_len"]))
+        finishing = f"saving the final checkpoint and scoring it at {lengths} (validation split)"
     try:
-        with TrainingProgress(client, run.info.run_id, tc.steps, step_rows * manifest["seq_len"]):
+        with TrainingProgress(client, run.info.run_id, tc.steps, step_rows * manifest["seq_len"], finishing):
             result = trainer.fit()
     except Exception as e:
         client.set_terminated(run.info.run_id, "FAILED")
@@ -352,6 +358,7 @@ def train_stage(cfg: RunConfig) -> dict[str, Any]:
             f"({kept}). Lower train.lr or raise train.warmup_steps, then re-run the same run name to resume."
         )
     final = result.checkpoint
+    print(f"[train] registering the final model as {registered_name(cfg)} in MLflow")
     model_uri = _register_model(client, run.info.run_id, final, model_cfg, registered_name(cfg),
                                 {Tag.DATASET: dataset, Tag.TOKENIZER_SHA256: manifest["tokenizer"]["sha256"],
                                  Tag.RUN_NAME: cfg.name})
@@ -417,11 +424,13 @@ def _trainer(cfg: RunConfig, payload: dict[str, Any]):
 
 
 class TrainingProgress:
-    """The driver's progress bar, fed by what rank 0 logs to MLflow (the workers' own output stays in Ray's logs)."""
+    """The driver's progress bar, fed by what rank 0 logs to MLflow (the workers' own output stays in Ray's logs).
+    Once the last step is in, the bar says what training still waits for (`finishing`), so that a full bar whose
+    clock goes on is never silent."""
 
-    def __init__(self, client, run_id: str, steps: int, tokens_per_step: int, poll_s: float = 2.0):
-        self.client, self.run_id, self.steps, self.tokens_per_step, self.poll_s = \
-            client, run_id, steps, tokens_per_step, poll_s
+    def __init__(self, client, run_id: str, steps: int, tokens_per_step: int, finishing: str, poll_s: float = 2.0):
+        self.client, self.run_id, self.steps, self.tokens_per_step, self.finishing, self.poll_s = \
+            client, run_id, steps, tokens_per_step, finishing, poll_s
         self.since_ms = int(time.time() * 1000)
         self.stop = threading.Event()
 
@@ -437,6 +446,7 @@ class TrainingProgress:
         self.stop.set()
         self.thread.join()
         self._update()
+        self.bar.set_description_str("[train]", refresh=False)  # done waiting: the closed bar is the steps alone
         self.bar.close()
 
     def _follow(self) -> None:
@@ -454,6 +464,8 @@ class TrainingProgress:
             shown = {"loss": f"{metrics['loss']:.3f}", "tok/s": f"{metrics['tokens_per_second']:,.0f}"}
             if "val_loss" in metrics:
                 shown["val"] = f"{metrics['val_loss']:.3f}"
+            if self.bar.n >= self.steps:
+                self.bar.set_description_str(f"[train] {self.finishing}", refresh=False)
             self.bar.set_postfix(shown, refresh=True)
 
 

@@ -1,10 +1,12 @@
 import pytest
 import torch
 
+from tests.seed import TEST_SEED
+
 
 @pytest.fixture(autouse=True)
 def _seed():
-    torch.manual_seed(0)
+    torch.manual_seed(TEST_SEED)
 
 
 @pytest.fixture(scope="session")

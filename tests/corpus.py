@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from .seed import TEST_SEED
 from .tiny import TINY
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "corpora"
@@ -81,7 +82,7 @@ def run_config(root: Path, corpus: Path, name: str, **train) -> dict:
         "data": {"source": {"kind": "pg19", "path": str(corpus)}, "tokenizer": {"vocab_size": 300},
                  "pack": {"seq_len": 64}},
         "train": {"preset": "small-gss", "model": TINY_MODEL, "num_workers": 2, "global_batch_tokens": 1024,
-                  "micro_batch": 4, "warmup_steps": 5, "lr": 3e-3, "log_every": 5, **train},
+                  "micro_batch": 4, "warmup_steps": 5, "lr": 3e-3, "log_every": 5, "seed": TEST_SEED, **train},
     }
 
 

@@ -13,6 +13,7 @@ from pipeline.dataset import dataset_dir, eval_documents, load_manifest
 from pipeline.evaluate import LoadedModel, evaluate, metrics_at_length, score_documents, token_batches
 
 from .corpus import as_overrides, prepared, run_config
+from .seed import TEST_SEED
 from .tiny import TINY, tiny_config
 
 EOD = 2
@@ -33,9 +34,8 @@ def reference_nll(model, docs: list[np.ndarray], length: int) -> np.ndarray:
 
 @pytest.mark.parametrize("arch", ["gss", "dss", "transformer", "hybrid"])
 def test_pieces_with_carried_state_equal_whole_windows(arch):
-    torch.manual_seed(0)
     model = build_model(tiny_config(arch)).eval()
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(TEST_SEED)
     docs = [rng.integers(3, TINY["vocab_size"], n).astype(np.int64) for n in (70, 33, 64, 5)]
     for length in (16, 40, 1000):
         expected = reference_nll(model, docs, length)
@@ -61,7 +61,7 @@ def test_scorer_actors_on_the_cluster_give_the_numbers_of_one_process(corpus):
                              "eval.lengths=[16, 100, 1000000]", "eval.splits=[test]", "eval.num_workers=2",
                              "eval.piece_tokens=24", "eval.batch_tokens=256"])
     manifest = load_manifest(dataset_dir(cfg))
-    torch.manual_seed(0)
+    torch.manual_seed(TEST_SEED)
     model = build_model(tiny_config("gss", vocab_size=manifest["tokenizer"]["vocab_size"])).eval()
     rows = evaluate(cfg, LoadedModel(model, "a test model"))
     assert [(r["length"], r["capped"]) for r in rows] == [(16, False), (100, False), (1000000, True)]

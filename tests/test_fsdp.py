@@ -28,6 +28,7 @@ from tests.corpus import (
     train_run,
     wait_for,
 )
+from tests.seed import TEST_SEED
 from tests.tiny import tiny_config
 
 # 60 steps of 2 workers × 4 rows; checkpoints every 20 (and at the last step); no validation before the end
@@ -61,12 +62,13 @@ def whole(corpus):
             "checkpoint": out["checkpoint"]}
 
 
-def test_fsdp_and_ddp_from_the_same_seed_give_the_same_losses(corpus, whole):
+def test_fsdp_and_ddp_from_the_same_seed_give_the_same_losses(corpus, whole, record_property):
     train_stage(config(corpus, "ddp", fsdp=False))
     ddp = metric_steps(train_run(corpus, "ddp"), "loss")
     assert sorted(ddp) == list(range(1, 61))
     torch.testing.assert_close([whole["loss"][s] for s in range(1, 11)], [ddp[s] for s in range(1, 11)],
                                rtol=1e-5, atol=1e-5)
+    record_property("loss_drop", whole["loss"][1] - whole["loss"][60])
     assert whole["loss"][60] < whole["loss"][1] - 0.5  # it learns
     assert_same_weights(whole["weights"], registered("ddp"), rtol=1e-3, atol=1e-4)
 
@@ -114,14 +116,14 @@ def test_a_two_worker_fsdp_checkpoint_resumes_on_one_worker(corpus, whole):
 
 
 @pytest.mark.parametrize("option", ["precision", "compile"])
-def test_bf16_autocast_and_torch_compile_train_on_the_cpu(option):
+def test_bf16_autocast_and_torch_compile_train_on_the_cpu(option, record_property):
     """Two steps through `Backend.wrap` and `train_step` with the option on and off: bf16 changes the loss a
     little (autocast is on), torch.compile (inductor) not at all; a compiled model's checkpoint loads back."""
-    rows = torch.randint(0, 50, (2, 4, 33), generator=torch.Generator().manual_seed(0))
+    rows = torch.randint(0, 50, (2, 4, 33), generator=torch.Generator().manual_seed(TEST_SEED))
 
     def losses(tc: TrainConfig) -> tuple[list[float], torch.nn.Module, torch.optim.Optimizer]:
         backend = make_backend(tc)
-        torch.manual_seed(0)
+        torch.manual_seed(TEST_SEED)
         model = build_model(tiny_config("gss"))
         undecayed = no_weight_decay(model)
         model = backend.wrap(model, tc)
@@ -135,6 +137,7 @@ def test_bf16_autocast_and_torch_compile_train_on_the_cpu(option):
     changed, model, optimizer = losses(on)
     if option == "precision":
         assert make_backend(on).dtype == torch.bfloat16
+        record_property("bf16_max_loss_change", max(abs(a - b) for a, b in zip(changed, plain)))
         assert changed != plain and changed == pytest.approx(plain, abs=0.05)
     else:
         assert type(model).__name__ == "OptimizedModule"

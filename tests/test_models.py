@@ -8,6 +8,7 @@ from torch import Tensor
 
 from models import ARCHS, PRESETS, ModelConfig, build_model, next_token_loss
 
+from .seed import TEST_SEED
 from .tiny import tiny_config
 
 LENGTH = 21  # crosses SSM chunks (8) and hybrid attention chunks (8) and ends mid-chunk
@@ -96,7 +97,6 @@ def test_sampling_respects_top_k():
 
 @pytest.mark.parametrize("arch", ["gss", "dss", "hybrid"])
 def test_kernels_give_the_same_model(arch):
-    torch.manual_seed(3)
     fft = build_model(tiny_config(arch, ssm_kernel="fft")).eval()
     chunked = build_model(dataclasses.replace(fft.cfg, ssm_kernel="chunked")).eval()
     chunked.load_state_dict(fft.state_dict())
@@ -123,15 +123,21 @@ def periodic_rows(generator: torch.Generator, rows: int, length: int, period: in
 
 
 @pytest.mark.parametrize("arch", ["gss", "hybrid"])
-def test_zero_shot_at_sixteen_times_the_training_length(arch):
-    """Trained at 32 tokens to copy from 3 back, the model copies as well at 16 x 32 = 512 tokens:
-    the kernel is generated for the length asked and the hybrid's attention stays in its chunks.
-    The longest memory at init (ssm_max_memory) is below the training length, as the README advises."""
+def test_zero_shot_at_sixteen_times_the_training_length(arch, record_property):
+    """Trained at 32 tokens to copy from 3 back, the model copies as well at 16 x 32 = 512 tokens: the kernel is
+    generated for the length asked. The longest memory at init (ssm_max_memory) is below the training length, as
+    the README advises.
+
+    Learning is reliable, not lucky: with these sizes (H=32, N=16), Adam at 3e-3 and 400 steps, both archs reach a
+    loss of at most 0.007 at the training length for each of GSS_TEST_SEED 0-29 (14x below the 0.1 asked), and the
+    loss beyond exceeds it by at most 0.001 (the 0.02 allowed is 20x that). The comparison can fail: a kernel
+    generated at the training length and repeated (the bug this test guards against) loses 0.7-6.8 nats more
+    beyond, on every seed tried."""
     train_len, period = 32, 3
-    data = torch.Generator().manual_seed(0)
-    model = build_model(tiny_config(arch, ssm_max_memory=8.0))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(200):
+    data = torch.Generator().manual_seed(TEST_SEED)
+    model = build_model(tiny_config(arch, d_ssm=32, state_size=16, ssm_max_memory=8.0))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(400):
         ids = periodic_rows(data, 16, train_len + 1, period)
         _, loss = model(ids[:, :-1], ids[:, 1:])
         optimizer.zero_grad()
@@ -153,11 +159,13 @@ def test_zero_shot_at_sixteen_times_the_training_length(arch):
     # target t is token t + 1, a copy once t + 1 >= period
     at_train_len = next_token_loss(short, targets[:, :train_len], reduction="none")[:, period - 1 :].mean()
     beyond = next_token_loss(logits, targets, reduction="none")[:, train_len:].mean()
-    assert at_train_len < 0.25, "did not learn to copy: the comparison below would say nothing"
-    assert beyond < at_train_len + 0.05, (beyond, at_train_len)
+    record_property("loss_at_train_len", at_train_len.item())
+    record_property("loss_beyond", beyond.item())
+    assert at_train_len < 0.1, "did not learn to copy: the comparison below would say nothing"
+    assert beyond < at_train_len + 0.02, (beyond, at_train_len)
 
 
-def test_training_reduces_loss():
+def test_training_reduces_loss(record_property):
     model = build_model(tiny_config("gss"))
     ids = torch.randint(0, 97, (4, 33))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -168,6 +176,7 @@ def test_training_reduces_loss():
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+    record_property("loss_ratio", losses[-1] / losses[0])
     assert losses[-1] < 0.5 * losses[0]
 
 

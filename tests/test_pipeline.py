@@ -125,13 +125,16 @@ def test_the_console_shows_the_stages_and_the_libraries_talk_to_the_log_file(tmp
     assert job.returncode == 0, printed[-3000:]
     lines = printed.splitlines()
     assert len(lines) < 60, printed
-    for stage in ("[prepare] tokenize", "[prepare] dataset", "[train]", "[eval] test       L=    64", "logs:"):
+    for stage in ("[prepare] tokenize", "[prepare] dataset", "[train]", "[train] registering the final model as gss-quiet",
+                  "[eval] test       L=    64", "logs:"):
         assert stage in printed, stage
     for chatter in ("INFO", "WARNING", "Traceback", "PlacementGroupCleaner", "Reporting training result",
-                    "Successfully registered model"):
+                    "Successfully registered model", "core_worker.cc"):
         assert chatter not in printed, chatter
     log = (tmp_path / "out" / "logs" / "gss.log").read_text()
     assert "Starting execution of Dataset" in log and "Successfully registered model 'gss-quiet'" in log
+    # Ray's C++ core worker's line about the tokenizer actors, restartable as Ray Data makes them, is in the log
+    assert "MapWorker(MapBatches(_TokenizeUnits))' and ID" in log and "max_restarts > 0" in log
     assert "pickle" not in log.lower()  # the model is logged as tensors and code (pipeline/registered_model.py)
     assert (tmp_path / "out" / "logs" / "ray").is_dir()  # the workers' logs: Ray's session folder
 

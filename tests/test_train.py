@@ -73,7 +73,7 @@ def test_the_hosts_load_together_exactly_the_global_batch_of_one_host(corpus, wo
         assert sorted(sum((loaded(workers, rank, step) for rank in range(workers)), [])) == sorted(one_host)
 
 
-def test_two_workers_train_and_mlflow_has_run_params_metrics_and_model(corpus):
+def test_two_workers_train_and_mlflow_has_run_params_metrics_and_model(corpus, record_property):
     import mlflow
 
     cfg = load_config(None, [*as_overrides(run_config(corpus / "out", corpus / "corpus", "two", steps=40,
@@ -85,6 +85,7 @@ def test_two_workers_train_and_mlflow_has_run_params_metrics_and_model(corpus):
     assert run.info.status == "FINISHED"
     assert run.data.params["train.num_workers"] == "2" and run.data.params["model.arch"] == "gss"
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
+    record_property("loss_drop", losses[0] - losses[-1])
     assert len(losses) == 8 and losses[-1] < losses[0] - 0.5
     assert {"val_loss", "tokens_per_second", "grad_norm", "lr", "peak_memory_mb"} <= set(run.data.metrics)
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
@@ -131,3 +132,23 @@ def test_a_diverging_loss_stops_with_a_clear_error(corpus):
     runs = mlflow.search_runs(experiment_names=["gss"], filter_string="tags.`gss.train_name` = 'nan'",
                               output_format="list")
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_after_the_last_step_the_bar_says_what_training_waits_for(tmp_path):
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from pipeline.train import TrainingProgress
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("bar")).info.run_id
+    descriptions = []
+    with TrainingProgress(client, run_id, steps=4, tokens_per_step=10, finishing="scoring the final checkpoint",
+                          poll_s=3600) as progress:
+        for step in (2, 4):
+            client.log_batch(run_id, [Metric(key, value, 0, step) for key, value in
+                                      {"loss": 1.0, "tokens_per_second": 5.0, "tokens_seen": 10.0 * step}.items()])
+            progress._update()
+            descriptions.append((progress.bar.n, progress.bar.desc))
+    assert descriptions == [(2, "[train]"), (4, "[train] scoring the final checkpoint")]
+    assert progress.bar.desc == "[train]"  # closed: the bar is the steps alone

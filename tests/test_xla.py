@@ -66,7 +66,8 @@ def test_fft_kernel_is_what_falls_back():
     assert any("fft" in name for name in fallback_counters())
 
 
-def test_ray_train_on_the_xla_backend_learns_compiles_once_and_finds_its_graphs_in_the_cache(tmp_path, ray_cluster):
+def test_ray_train_on_the_xla_backend_learns_compiles_once_and_finds_its_graphs_in_the_cache(tmp_path, ray_cluster,
+                                                                                           record_property):
     """`gss train` with train.backend=xla: our Ray Train backend, torch_xla SPMD over the process's 4 devices.
 
     No op falls back to the host; the number of compiled graphs stops growing once the first validation and
@@ -93,6 +94,7 @@ def test_ray_train_on_the_xla_backend_learns_compiles_once_and_finds_its_graphs_
         return {m.step: m.value for m in client.get_metric_history(run_id, key)}
 
     losses = history(first, "loss")
+    record_property("loss_drop", losses[1] - losses[8])
     assert len(losses) == 8 and losses[8] < losses[1]
     assert client.get_run(first).data.tags["gss.xla_fallbacks"] == "{}", "ops fell back to the host CPU"
     compiles = history(first, "xla_compiles")
