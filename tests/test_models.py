@@ -166,18 +166,20 @@ def test_zero_shot_at_sixteen_times_the_training_length(arch, record_property):
 
 
 def test_training_reduces_loss(record_property):
+    """Four rows memorised: after 60 steps the loss is 0.091-0.098 of the first for GSS_TEST_SEED 0-9 (at 30 steps
+    it was 0.45-0.46, too near the bound for any seed on any CPU)."""
     model = build_model(tiny_config("gss"))
     ids = torch.randint(0, 97, (4, 33))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(30):
+    for _ in range(60):
         _, loss = model(ids[:, :-1], ids[:, 1:])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
     record_property("loss_ratio", losses[-1] / losses[0])
-    assert losses[-1] < 0.5 * losses[0]
+    assert losses[-1] < 0.25 * losses[0]
 
 
 def test_config_api():

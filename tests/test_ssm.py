@@ -141,9 +141,14 @@ def test_gradients_match_between_kernels():
     torch.testing.assert_close(grads["chunked"], grads["fft"], atol=1e-3, rtol=1e-4)
 
 
-def test_float32_stays_accurate_at_long_lengths():
-    """Zero-shot lengths: at 16k with modes remembering ~8k tokens, both kernels in float32 stay
-    within 1e-4 of a float64 evaluation."""
+def test_float32_stays_accurate_at_long_lengths(record_property):
+    """Zero-shot lengths: at 16k with modes remembering ~8k tokens, both kernels in float32 stay within 5e-4 of a
+    float64 evaluation (relative to its largest output).
+
+    The error is float32's own: the phase Lambda_im * l of a mode is rounded to 24 bits, about 1e-3 rad at l = 16k.
+    Measured for GSS_TEST_SEED 0-39: at most 1.7e-4 for fft and 1.1e-4 for chunked (typically 2e-5 to 7e-5), so
+    5e-4 is 3x the worst; the kernel rounded to bfloat16 is off by 2e-3 (seed 0). (The 1e-4 asked before passed for
+    seed 0 and failed for seed 3.)"""
     ssm = DiagonalSSM(4, 64, chunk_size=128)
     with torch.no_grad():
         ssm.Lambda_re.uniform_(-9.0, 0.0)
@@ -155,8 +160,10 @@ def test_float32_stays_accurate_at_long_lengths():
     fft = conv_fft(u, ssm.kernel(16384), ssm.D)
     chunked, _ = scan_chunked(u, W, Lambda, ssm.D, chunk_size=ssm.chunk_size)
     scale = reference.abs().max()
-    for y in (fft, chunked):
-        assert ((y.double() - reference).abs().max() / scale) < 1e-4
+    for name, y in (("fft", fft), ("chunked", chunked)):
+        error = ((y.double() - reference).abs().max() / scale).item()
+        record_property(f"{name}_relative_error", error)
+        assert error < 5e-4, name
 
 
 def test_initial_memory_is_bounded_by_max_memory():
