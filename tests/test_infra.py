@@ -275,6 +275,27 @@ def test_gpu_and_cpu_node_types(cluster, gcp):
         assert len(boot) == 1 and boot[0]["initializeParams"]["sourceImage"], name
 
 
+def test_the_h100_recipe_fits_one_node_of_each_cluster(cluster):
+    """The 8-worker CUDA run that each paper config lists lands on one gpu_h100x8 VM (ray_cluster.yaml) or one
+    gpu-h100x8 pod (KubeRay): a GPU per worker, all eight on one node so that NCCL goes over NVLink."""
+    from pipeline.config import load_config
+    from pipeline.train import scaling_config
+    from tests.test_tpu import listed_overrides
+
+    node = cluster["available_node_types"]["gpu_h100x8"]
+    [accelerator] = node["node_config"]["guestAccelerators"]
+    assert accelerator["acceleratorType"] == "nvidia-h100-80gb" and node["node_config"]["machineType"] == "a3-highgpu-8g"
+    [pod] = [g for g in the_doc("RayCluster")["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu-h100x8"]
+    assert pod["template"]["spec"]["nodeSelector"]["cloud.google.com/gke-accelerator"] == "nvidia-h100-80gb"
+    pod_gpus = int(pod["template"]["spec"]["containers"][0]["resources"]["requests"]["nvidia.com/gpu"])
+    for path in sorted((REPO / "configs").glob("paper-*.yaml")):
+        [run] = [o for o in listed_overrides(path) if "train.backend=cuda" in o]
+        tc = load_config(path, run).train
+        scaling = scaling_config(tc)
+        assert scaling.use_gpu and scaling.accelerator_type == "H100" and tc.model["ssm_kernel"] == "fft", path.name
+        assert tc.num_workers * scaling._resources_per_worker_not_none["GPU"] == node["resources"]["GPU"] == pod_gpus
+
+
 def test_every_node_runs_as_its_own_service_account(raw_cluster):
     """Never the Compute Engine default account (Editor on the project), and never a key in the file."""
     assert "gcp_credentials" not in raw_cluster["provider"]
@@ -380,9 +401,11 @@ def test_raycluster_through_the_kuberay_autoscaler():
     assert types_[group["groupName"]]["max_workers"] == group["maxReplicas"] * 2
 
     gpu_groups = [g for g in spec["workerGroupSpecs"] if "nvidia.com/gpu" in str(g)]
-    assert len(gpu_groups) == 1
-    assert gpu_groups[0]["template"]["spec"]["nodeSelector"]["cloud.google.com/gke-accelerator"]
-    assert types_[gpu_groups[0]["groupName"]]["resources"]["GPU"] == 1
+    assert {g["groupName"] for g in gpu_groups} == {"gpu-a100", "gpu-h100x8"}
+    for group in gpu_groups:  # the autoscaler counts the pod's GPUs from its request
+        assert group["template"]["spec"]["nodeSelector"]["cloud.google.com/gke-accelerator"]
+        requested = group["template"]["spec"]["containers"][0]["resources"]["requests"]["nvidia.com/gpu"]
+        assert types_[group["groupName"]]["resources"]["GPU"] == int(requested)
     for group in spec["workerGroupSpecs"]:
         assert 0 == group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], group["groupName"]
 

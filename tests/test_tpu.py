@@ -31,6 +31,7 @@ def test_every_shipped_run_gets_a_scaling_config_ray_accepts(path):
         if tc.worker_resources.get("TPU"):
             assert scaling.use_tpu and scaling.topology and scaling.accelerator_type == "TPU-V4"
             assert tc.backend == "xla"
+        assert scaling.use_gpu == (tc.backend == "cuda")
     if path.name.startswith("paper-"):
         assert any("train.topology=2x2x4" in o for o in map(" ".join, runs)), "the v4-32 run is listed"
 
