@@ -55,13 +55,15 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
 
     from pipeline.dataset import dataset_dir, is_complete
     from pipeline.evaluate import eval_stage, suite_todo
+    from pipeline.lease import hold_lease
     from pipeline.logs import log_folder
     from pipeline.prepare import prepare_stage
     from pipeline.tracking import log_params
-    from pipeline.train import train_stage
+    from pipeline.train import run_folder, train_stage
 
-    parent = _parent_run(cfg)
-    with mlflow.start_run(run_id=parent.info.run_id):
+    # one `gss run` of a name at a time: its training run folder's lease, taken before the parent run is found or
+    # made; the stages take their folders' leases inside (the training run's again: reentrant in one process)
+    with hold_lease(run_folder(cfg), "gss run"), mlflow.start_run(run_id=_parent_run(cfg).info.run_id) as parent:
         if not parent.data.params:
             log_params(to_dict(cfg))
         dataset = dataset_dir(cfg)

@@ -3,6 +3,8 @@
     config.py      RunConfig: the one object a run is driven by, loaded from YAML + overrides and checked whole
                    (closed choices, ranges, presets, model keys, batch layout) before any work starts.
     storage.py     fsspec helpers: the same code for local folders, gs:// and memory://; atomic writes.
+    lease.py       one writer per folder: the lease a command takes on the folder it writes (a training run, a
+                   dataset, eval results), renewed by a heartbeat, taken over once it lapses.
     sources.py     the raw corpora (PG-19 books, ArXiv JSON lines, GitHub Parquet, plain files) cut into
                    units; unusable records become counted, listed skips.
     tokenizer.py   SentencePiece: trained on a hash-sampled part of the training split.

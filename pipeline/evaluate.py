@@ -30,6 +30,7 @@ from models import LanguageModel, ModelConfig, build_model, next_token_loss
 from pipeline import checkpoint
 from pipeline.config import RunConfig
 from pipeline.dataset import dataset_dir, eval_documents, is_complete, load_manifest
+from pipeline.lease import hold_lease
 from pipeline.tracking import Tag, default_model_uri, resolve_model_uri, tag_is
 
 
@@ -325,7 +326,8 @@ def eval_stage(cfg: RunConfig, model_ref: str | None = None, todo: dict[str, lis
     print(f"[eval] {loaded.uri} on {dataset}")
     tags = {Tag.MODEL_URI: loaded.uri, Tag.DATASET: dataset, Tag.ARCH: loaded.model.cfg.arch,
             Tag.MAX_DOCUMENTS: str(cfg.eval.max_documents)}
-    with tracking.stage_run(cfg, "eval", tags) as run:
+    out_dir = join(cfg.root, "eval", cfg.name)
+    with hold_lease(out_dir, "gss eval"), tracking.stage_run(cfg, "eval", tags) as run:
         tracking.log_params({"eval": dataclasses.asdict(cfg.eval), "model": dataclasses.asdict(loaded.model.cfg),
                              "model.parameters": loaded.model.num_parameters(), **info["params"]})
         rows = evaluate(cfg, loaded, todo)
@@ -337,7 +339,6 @@ def eval_stage(cfg: RunConfig, model_ref: str | None = None, todo: dict[str, lis
         mlflow.log_dict({"rows": rows}, "eval/results.json")
         mlflow.log_text(_csv(rows), "eval/results.csv")
         title = f"{cfg.name}: {loaded.model.cfg.arch}, {loaded.model.num_parameters() / 1e6:.1f}M parameters"
-        out_dir = join(cfg.root, "eval", cfg.name)
         fs, out = filesystem(out_dir)
         fs.makedirs(out, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:

@@ -47,6 +47,7 @@ from pipeline.dataset import (
     train_rows_table,
     write_shard,
 )
+from pipeline.lease import hold_lease
 from pipeline.sources import Unit, in_sample, plan_units, read_unit, split_files
 from pipeline.storage import filesystem, join, read_json, write_bytes_atomic, write_json_atomic
 from pipeline.tokenizer import Tokenizer, train_tokenizer, training_pieces
@@ -309,13 +310,15 @@ def _pack_tails(fs, out: str, units: list[dict], seq_len: int) -> dict | None:
 
 
 def prepare_stage(cfg: RunConfig, on_item: ItemCallback | None = None) -> dict[str, Any]:
-    """`prepare` as a tracked stage: an MLflow run with the config, the counts, the manifest and the tokenizer."""
+    """`prepare` as a tracked stage: an MLflow run with the config, the counts, the manifest and the tokenizer;
+    one writer of the dataset folder at a time (its lease, `pipeline.lease`)."""
     import mlflow
 
     from pipeline import tracking
     from pipeline.tracking import Tag
 
-    with tracking.stage_run(cfg, "prepare", {Tag.DATASET: dataset_dir(cfg)}):
+    dataset = dataset_dir(cfg)
+    with hold_lease(dataset, "gss prepare"), tracking.stage_run(cfg, "prepare", {Tag.DATASET: dataset}):
         tracking.log_params({"data": resolved_data_config(cfg)})
         manifest = prepare(cfg, on_item)
         stats = manifest["stats"]

@@ -40,6 +40,7 @@ from pipeline.config import (
     to_dict,
 )
 from pipeline.dataset import TrainRows, dataset_dir, eval_windows, load_manifest
+from pipeline.lease import hold_lease
 from pipeline.logs import printed_to_log
 from pipeline.storage import (
     absolute,
@@ -303,8 +304,20 @@ def _write_pid(payload: dict, rank: int) -> None:
 # The driver
 
 
+def run_folder(cfg: RunConfig) -> str:
+    """The training run's folder: Ray Train's storage of the run, its checkpoints, and its lease."""
+    return join(absolute(join(cfg.root, "train")), cfg.name)
+
+
 def train_stage(cfg: RunConfig) -> dict[str, Any]:
-    """Train (or resume, or skip if finished) the run `cfg.name`; returns {run_id, checkpoint, model_uri, ...}."""
+    """Train (or resume, or skip if finished) the run `cfg.name`; returns {run_id, checkpoint, model_uri, ...}.
+    One driver at a time: it holds the run folder's lease (`pipeline.lease`) before the MLflow run or a checkpoint
+    is written, and Ray Train's restarts of the worker group happen inside it."""
+    with hold_lease(run_folder(cfg), "gss train"):
+        return _train_stage(cfg)
+
+
+def _train_stage(cfg: RunConfig) -> dict[str, Any]:
     import mlflow
     from mlflow import MlflowClient
 
@@ -326,7 +339,7 @@ def train_stage(cfg: RunConfig) -> dict[str, Any]:
         return {"run_id": run.info.run_id, "checkpoint": tags.get(Tag.CHECKPOINT),
                 "model_uri": tags.get(Tag.MODEL_URI), "skipped": True}
 
-    run_dir = join(absolute(join(cfg.root, "train")), cfg.name)
+    run_dir = run_folder(cfg)
     payload = {"cfg": to_dict(cfg), "model": dataclasses.asdict(model_cfg), "dataset": dataset,
                "tracking_uri": mlflow.get_tracking_uri(), "run_id": run.info.run_id, "run_dir": run_dir,
                "xla_cache": xla_cache_dir(cfg.root), "validate_every": cfg.eval.during_training}

@@ -114,11 +114,12 @@ def fresh_process_env(**extra: str) -> dict[str, str]:
     return env | extra
 
 
-def start_train(tree: dict) -> subprocess.Popen:
-    """`gss train` with the config `tree` as a separate driver process on this test session's Ray cluster."""
+def start_train(tree: dict, **env: str) -> subprocess.Popen:
+    """`gss train` with the config `tree` as a separate driver process on this test session's Ray cluster; `env`:
+    more environment variables."""
     import ray
 
-    env = fresh_process_env(RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    env = fresh_process_env(RAY_ADDRESS=ray.get_runtime_context().gcs_address, **env)
     return subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", *as_overrides(tree)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
