@@ -353,6 +353,69 @@ def test_dashboard_listens_on_the_head_only(cluster):
     assert "--dashboard-host=127.0.0.1" in start and "0.0.0.0" not in start
 
 
+# Ray's token authentication. The token: one Secret Manager secret for the VMs (written to ~/.ray/auth_token, the
+# file Ray reads when RAY_AUTH_TOKEN and RAY_AUTH_TOKEN_PATH are unset), the Kubernetes Secret made from it for the
+# pods (KubeRay's key for the token is `auth_token`). RAY_AUTH_MODE=token on every process that starts a node: a
+# worker's `ray start --address` without it presents no token and the head's GCS refuses it.
+RAY_TOKEN_SECRET = "gss-ray-auth-token"  # Secret Manager
+RAY_TOKEN_K8S_SECRET = {"name": "ray-auth-token", "key": "auth_token"}
+_FETCH_RAY_TOKEN = re.compile(
+    r"\(umask 077 && mkdir -p ~/\.ray && gcloud secrets versions access latest --secret=([\w-]+) > "
+    r"~/\.ray/auth_token\.new && mv ~/\.ray/auth_token\.new ~/\.ray/auth_token\)")
+
+
+def test_every_vm_gets_the_token_before_ray_starts(cluster):
+    """Every node type writes the token from Secret Manager (readable by its user only) in its setup, which Ray
+    runs before the start commands, and starts Ray with RAY_AUTH_MODE=token: the head and each worker type."""
+    setups = {name: spec["worker_setup_commands"] for name, spec in cluster["available_node_types"].items()
+              if name != cluster["head_node_type"]}
+    setups[cluster["head_node_type"]] = cluster["head_setup_commands"]
+    assert set(setups) == set(cluster["available_node_types"])
+    for name, lines in setups.items():
+        fetched = [m.group(1) for line in lines if (m := _FETCH_RAY_TOKEN.fullmatch(line))]
+        assert fetched == [RAY_TOKEN_SECRET], f"{name}: write the token to ~/.ray/auth_token once: {lines}"
+    assert not cluster["setup_commands"] and not cluster["worker_setup_commands"], "all per node type"
+    assert "grep -q RAY_AUTH_MODE ~/.bashrc || echo 'export RAY_AUTH_MODE=token' >> ~/.bashrc" in \
+        cluster["initialization_commands"], "token mode in the nodes' shells too (`ray attach`, `ray exec`)"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [line for line in cluster[key] if "ray start" in line]
+        assert starts and all(re.search(r"(^|;)\s*RAY_AUTH_MODE=token\s+ray start ", line) for line in starts), \
+            f"{key}: RAY_AUTH_MODE=token for `ray start`: {starts}"
+
+
+def _token_env(container: dict) -> dict:
+    env = {e["name"]: e for e in container.get("env", [])}
+    return {"mode": env.get("RAY_AUTH_MODE", {}).get("value"),
+            "token": env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef")}
+
+
+def test_every_pod_gets_the_token():
+    """KubeRay's own token authentication (authOptions) with our Secret, and the token as env from that Secret in
+    the head, every worker group, the RayJob's submitter and the CronJob that runs `gss submit`."""
+    expected = {"mode": "token", "token": RAY_TOKEN_K8S_SECRET}
+    ray_cluster = the_doc("RayCluster")
+    spec = ray_cluster["spec"]
+    assert spec["authOptions"] == {"mode": "token", "secretName": RAY_TOKEN_K8S_SECRET["name"]}
+    pods = {"head": spec["headGroupSpec"]["template"]}
+    pods |= {group["groupName"]: group["template"] for group in spec["workerGroupSpecs"]}
+    assert len(pods) == 1 + len(spec["workerGroupSpecs"]) >= 5
+    for name, template in pods.items():
+        ray_container = template["spec"]["containers"][0]  # KubeRay's Ray container is the first
+        assert _token_env(ray_container) == expected, name
+
+    job = the_doc("RayJob")
+    (submitter,) = job["spec"]["submitterPodTemplate"]["spec"]["containers"]
+    assert _token_env(submitter) == expected, "the RayJob's submitter (`ray job submit`)"
+    assert job["spec"]["submitterPodTemplate"]["spec"]["restartPolicy"] == "Never"
+    cron = the_doc("CronJob")
+    (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    assert container["command"][:2] == ["gss", "submit"] and _token_env(container) == expected, "the CronJob"
+    # The Secret and the secret it is made from are the ones infra/README.md says how to make.
+    readme = (INFRA / "README.md").read_text()
+    assert f"create secret generic {RAY_TOKEN_K8S_SECRET['name']}" in readme
+    assert f"--from-literal={RAY_TOKEN_K8S_SECRET['key']}=" in readme and f"--secret={RAY_TOKEN_SECRET}" in readme
+
+
 # ---------------------------------------------------------------------------------------------------
 # The Kubernetes manifests
 
@@ -527,7 +590,7 @@ _PRIVATE_KEY = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----|\"private_key\"\s
 _URL_CREDENTIALS = re.compile(r"\b[a-z][\w+.-]*://[^/\s:@'\"]+:[^/\s@'\"]+@")
 # `password: x`, `PASSWORD=x`, `--secret-key=x`; a reference ($VAR, "$(...)", <placeholder>, %s) is fine
 _LITERAL_SECRET = re.compile(
-    r"(?i)\b[\w-]*(?:password|passwd|secret[_-]?key|api[_-]?key|access[_-]?token)[\"']?[ \t]*[:=][ \t]*"
+    r"(?i)\b[\w-]*(?:password|passwd|secret[_-]?key|api[_-]?key|(?:access|auth)[_-]?token)[\"']?[ \t]*[:=][ \t]*"
     r"(?![\"']?[$<%{*&])(?![\"']?(?:\s|$))[\"']?([^\s\"'#,;)}]+)", re.MULTILINE)
 _SECRET_KEY_NAME = re.compile(
     r"(?i)(password|passwd|secret[_-]?key|api[_-]?key|token|private[_-]?key|credentials?)$")
@@ -557,11 +620,13 @@ def secret_findings(text: str, docs: list | None = None) -> list[str]:
 
 def test_secret_scanner_finds_secrets():
     for bad in ("password: hunter2", "export MLFLOW_TRACKING_PASSWORD=hunter2", "--flask-secret-key=abc123",
+                "RAY_AUTH_TOKEN=0123abcd", "--from-literal=auth_token=0123abcd",
                 "postgresql://mlflow:hunter2@127.0.0.1:5432/mlflow", "-----BEGIN RSA PRIVATE KEY-----",
                 '{"type": "service_account", "private_key": "x"}'):
         assert secret_findings(bad), bad
     for bad_doc in ({"kind": "Secret", "metadata": {"name": "s"}, "stringData": {"password": "x"}},
                     {"env": [{"name": "MLFLOW_TRACKING_PASSWORD", "value": "x"}]},
+                    {"env": [{"name": "RAY_AUTH_TOKEN", "value": "x"}]},
                     {"provider": {"type": "gcp", "gcp_credentials": {"type": "service_account"}}},
                     {"auth": {"admin_password": "x"}}):
         assert secret_findings("", [bad_doc]), bad_doc
