@@ -80,7 +80,11 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
             evaluated = {}
     result = {"parent_run_id": parent.info.run_id, "dataset": dataset, **trained, "eval": evaluated}
     print(f"\ndone: MLflow run {cfg.name} ({parent.info.run_id}) in experiment {cfg.tracking.experiment!r}")
-    print(f"  look:  mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}   (then http://127.0.0.1:5000)")
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):  # a tracking server shows it itself
+        print(f"  look:  {uri.rstrip('/')}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}")
+    else:
+        print(f"  look:  mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)")
     if evaluated:
         print(f"  plot:  {evaluated['plot']}")
     print(f"  files: {cfg.root}")

@@ -66,6 +66,8 @@ def route_library_logs(root: str) -> str:
     to_terminal.setFormatter(FirstLine(path))
     # storage clients log each request that ran out of retries; the command then fails with the error explained
     to_terminal.addFilter(lambda record: not record.name.startswith(("gcsfs", "google")))
+    # MLflow prints a "View run" link per stage on a tracking server; `gss run` names the one page to look at
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     logging.captureWarnings(True)  # warnings.warn -> the py.warnings logger
     root = logging.getLogger()
     for handler in _installed:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -83,17 +85,41 @@ def tracking_uri(cfg: RunConfig) -> str:
     return f"sqlite:///{os.path.abspath(join(root, 'mlflow.db'))}"
 
 
-def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
-    """Fail before any work starts if a tracking server does not answer."""
+def unreachable(uri: str, timeout_s: float = 10.0) -> str | None:
+    """Why the tracking server at `uri` does not answer its health check, or None (also for a local store)."""
     if not uri.startswith(("http://", "https://")):
-        return
+        return None
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
             response.read()
     except Exception as e:  # noqa: BLE001 - any failure means the same thing to the user
+        return str(e)
+    return None
+
+
+def check_reachable(uri: str) -> None:
+    """Fail before any work starts if a tracking server does not answer, or refuses our credentials."""
+    why = unreachable(uri)
+    if why is not None:
         raise ConfigError(
-            f"MLflow tracking server {uri} is not reachable ({e}); start it (infra/mlflow) "
+            f"MLflow tracking server {uri} is not reachable ({why}); start it (infra/mlflow) "
             "or point tracking.uri / MLFLOW_TRACKING_URI at one that runs"
+        )
+    if not uri.startswith(("http://", "https://")):
+        return
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except MlflowException as e:
+        if e.get_http_status_code() not in (401, 403):
+            raise
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME") or "from ~/.mlflow/credentials, or none"
+        raise ConfigError(
+            f"MLflow tracking server {uri} refuses the credentials given (user: {user}; HTTP "
+            f"{e.get_http_status_code()}): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+            "~/.mlflow/credentials) to your MLflow user's (infra/README.md, MLflow)"
         ) from None
 
 
@@ -165,3 +191,90 @@ def log_dataset_input(client, run_id: str, dataset: str, digest: str, context: s
         source = resolve_dataset_source(dataset)  # a local path or gs://: MLflow's artifact dataset sources
     entity = MetaDataset(source, name=dataset.rstrip("/").rsplit("/", 1)[-1], digest=digest)._to_mlflow_entity()
     client.log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])])
+
+
+class BackgroundLogger:
+    """Metrics and tags for one MLflow run, sent from a thread so that a tracking server that is slow or down
+    never stalls or stops training: what cannot be sent yet is kept in memory and sent once the server answers
+    again (MLflow's own client retries each request for about 4 minutes first). The outage and the recovery
+    are each said in one line (`say`); `close()` waits up to `flush_s` for what is still unsent, then returns
+    the line that says what is lost, if anything is. A batch whose reply was lost in the outage can be stored twice: readers key metrics by step."""
+
+    BATCH = 1000  # MLflow's limit on metrics in one log_batch
+
+    def __init__(self, tracking_uri: str, run_id: str, say=print, retry_s: float = 5.0):
+        from mlflow import MlflowClient
+
+        self.client, self.run_id, self.uri, self.say, self.retry_s = MlflowClient(tracking_uri), run_id, \
+            tracking_uri, say, retry_s
+        self.metrics: list = []  # mlflow.entities.Metric, oldest first
+        self.tags: dict[str, str] = {}
+        self.lock, self.wake, self.closing = threading.Lock(), threading.Event(), False
+        self.down_since: float | None = None
+        self.thread = threading.Thread(target=self._send_until_closed, name="mlflow-metrics", daemon=True)
+        self.thread.start()
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        with self.lock:
+            self.metrics += [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        self.wake.set()
+
+    def set_tag(self, key: str, value: str) -> None:
+        with self.lock:
+            self.tags[key] = value
+        self.wake.set()
+
+    def close(self, flush_s: float = 300.0) -> str | None:
+        self.closing = True
+        self.wake.set()
+        self.thread.join(flush_s)
+        with self.lock:
+            metrics, tags = list(self.metrics), dict(self.tags)
+            self.metrics, self.tags = [], {}  # the thread, if still in a request, sends nothing more after this
+        if not (metrics or tags):
+            return None
+        steps = sorted({m.step for m in metrics})
+        span = f" of steps {steps[0]}-{steps[-1]}" if steps else ""
+        return (f"MLflow at {self.uri} did not take them within {flush_s:.0f} s of the end: {len(metrics)} metric "
+                f"values{span} and {len(tags)} tags of run {self.run_id} are lost")
+
+    def _send_until_closed(self) -> None:
+        while True:
+            self.wake.wait(None if self.down_since is None else self.retry_s)
+            self.wake.clear()
+            while self._send_one_batch():
+                pass
+            with self.lock:
+                if self.closing and not (self.metrics or self.tags):
+                    return
+
+    def _send_one_batch(self) -> bool:
+        """Send the oldest batch; True if sent and more is waiting."""
+        from mlflow.entities import RunTag
+
+        with self.lock:
+            metrics, tags = self.metrics[: self.BATCH], dict(self.tags)
+        if not (metrics or tags):
+            return False
+        try:
+            self.client.log_batch(self.run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()])
+        except Exception as e:  # noqa: BLE001 - whatever the failure, keep the values and try again later
+            if self.down_since is None:
+                self.down_since = time.time()
+                self.say(f"MLflow at {self.uri} does not answer ({str(e).splitlines()[0][:160]}); training goes "
+                         "on and its metrics are kept until it does")
+            return False
+        with self.lock:
+            del self.metrics[: len(metrics)]
+            for key, value in tags.items():
+                if self.tags.get(key) == value:  # not set anew meanwhile
+                    del self.tags[key]
+            more = bool(self.metrics)
+        if self.down_since is not None:
+            self.say(f"MLflow at {self.uri} answers again after {time.time() - self.down_since:.0f} s; "
+                     "the metrics kept meanwhile are sent")
+            self.down_since = None
+        return more

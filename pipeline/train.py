@@ -11,11 +11,13 @@ Rank 0 logs metrics to MLflow; the driver draws its progress bar from them.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
 import math
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -53,9 +55,10 @@ from pipeline.storage import (
     write_bytes_atomic,
     write_json_atomic,
 )
-from pipeline.tracking import ALIAS, Tag, registered_name, tag_is
+from pipeline.tracking import ALIAS, BackgroundLogger, Tag, registered_name, tag_is, unreachable
 
 DIVERGED = "diverged.json"
+METRICS_LOST = "metrics_lost.txt"  # a worker's line on metrics the tracking server never took
 
 
 class TrainingError(RuntimeError):
@@ -194,16 +197,15 @@ class SystemMetrics:
 class MetricsLogger:
     """Every `log_every` steps (and whenever validation or a checkpoint needs them): the loss and gradient norm
     averaged over the workers, brought to the host (the only host sync of the loop), checked, and logged to
-    the MLflow run by rank 0 (`mlflow_run`: its tracking URI and run id; None on the other ranks)."""
+    the MLflow run by rank 0 (`mlflow_run`: its tracking URI and run id; None on the other ranks) from a thread
+    that keeps them while the tracking server is down (tracking.BackgroundLogger)."""
 
     def __init__(self, tc: TrainConfig, backend: Backend, tokens_per_step: int, start_step: int,
                  mlflow_run: tuple[str, str] | None):
         self.every, self.last_step, self.backend, self.tokens_per_step = tc.log_every, tc.steps, backend, tokens_per_step
-        self.client, self.run_id, self.system = None, None, None
+        self.sender, self.system = None, None
         if mlflow_run:
-            from mlflow import MlflowClient
-
-            self.client, self.run_id, self.system = MlflowClient(mlflow_run[0]), mlflow_run[1], SystemMetrics()
+            self.sender, self.system = BackgroundLogger(*mlflow_run, say=_say), SystemMetrics()
         self.interval_start, self.interval_first_step = time.perf_counter(), start_step
 
     def should_log(self, step: int) -> bool:
@@ -234,15 +236,26 @@ class MetricsLogger:
         self._log(step, {"resumed_at_step": step})
 
     def finish(self, fallback_ops: dict[str, int] | None) -> None:
-        if self.client and fallback_ops is not None:  # ops that fell back to the host CPU: each one is slow on a TPU
-            self.client.set_tag(self.run_id, Tag.XLA_FALLBACKS, json.dumps(fallback_ops))
+        if self.sender and fallback_ops is not None:  # ops that fell back to the host CPU: each one is slow on a TPU
+            self.sender.set_tag(Tag.XLA_FALLBACKS, json.dumps(fallback_ops))
+
+    def close(self, run_dir: str) -> None:
+        """Send what the tracking server has not taken yet (waiting for it as long as MLflow's own retries do);
+        what it never took is said in `run_dir`/METRICS_LOST, for the driver to print."""
+        lost = self.sender.close() if self.sender else None
+        if lost:
+            _say(lost)
+            fs, path = filesystem(join(run_dir, METRICS_LOST))
+            write_bytes_atomic(fs, path, lost.encode())
 
     def _log(self, step: int, metrics: dict[str, float]) -> None:
-        if self.client:
-            from mlflow.entities import Metric
+        if self.sender:
+            self.sender.log(step, metrics)
 
-            now = int(time.time() * 1000)
-            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+def _say(line: str) -> None:
+    """A worker's line for the user: Ray forwards workers' stderr to the driver's terminal."""
+    print(f"[train] {line}", file=sys.stderr, flush=True)
 
 
 def train_loop(payload: dict[str, Any]) -> None:
@@ -290,8 +303,10 @@ def train_loop(payload: dict[str, Any]) -> None:
         if rank == 0:  # Ray Train keeps only checkpointed metrics, so tell the driver through storage
             fs, path = filesystem(join(payload["run_dir"], DIVERGED))
             write_json_atomic(fs, path, e.args[0])
-        return
-    metrics.finish(backend.fallback_ops())
+    else:
+        metrics.finish(backend.fallback_ops())
+    finally:
+        metrics.close(payload["run_dir"])
 
 
 def _write_pid(payload: dict, rank: int) -> None:
@@ -355,7 +370,8 @@ def _train_stage(cfg: RunConfig) -> dict[str, Any]:
         lengths = ", ".join(str(n) for n in during_training_lengths(cfg, manifest["seq_len"]))
         finishing = f"saving the final checkpoint and scoring it at {lengths} (validation split)"
     try:
-        with TrainingProgress(client, run.info.run_id, tc.steps, step_rows * manifest["seq_len"], finishing):
+        with TrainingProgress(payload["tracking_uri"], run.info.run_id, tc.steps, step_rows * manifest["seq_len"],
+                              finishing):
             result = trainer.fit()
     except Exception as e:
         client.set_terminated(run.info.run_id, "FAILED")
@@ -363,6 +379,10 @@ def _train_stage(cfg: RunConfig) -> dict[str, Any]:
             raise
         raise TrainingError(f"training failed after {tc.max_failures} restarts: {e}") from e
 
+    _, lost = filesystem(join(run_dir, METRICS_LOST))
+    if fs.exists(lost):  # said once: the file goes
+        print(f"[train] {fs.cat_file(lost).decode()}")
+        fs.rm(lost)
     if fs.exists(diverged):
         client.set_terminated(run.info.run_id, "FAILED")
         kept = ray_checkpoint_url(result.checkpoint, fs) if result.checkpoint else "none yet"
@@ -439,13 +459,20 @@ def _trainer(cfg: RunConfig, payload: dict[str, Any]):
 class TrainingProgress:
     """The driver's progress bar, fed by what rank 0 logs to MLflow (the workers' own output stays in Ray's logs).
     Once the last step is in, the bar says what training still waits for (`finishing`), so that a full bar whose
-    clock goes on is never silent."""
+    clock goes on is never silent; while MLflow does not answer, the bar says since when."""
 
-    def __init__(self, client, run_id: str, steps: int, tokens_per_step: int, finishing: str, poll_s: float = 2.0):
-        self.client, self.run_id, self.steps, self.tokens_per_step, self.finishing, self.poll_s = \
-            client, run_id, steps, tokens_per_step, finishing, poll_s
+    def __init__(self, tracking_uri: str, run_id: str, steps: int, tokens_per_step: int, finishing: str,
+                 poll_s: float = 2.0):
+        from mlflow import MlflowClient
+
+        self.client, self.tracking_uri, self.run_id, self.steps, self.tokens_per_step, self.finishing, self.poll_s = \
+            MlflowClient(tracking_uri), tracking_uri, run_id, steps, tokens_per_step, finishing, poll_s
         self.since_ms = int(time.time() * 1000)
         self.stop = threading.Event()
+        self.unreachable_since: str | None = None
+        # reads run in their own thread, waited for `answer_s`: one caught in MLflow's retries (minutes) when the
+        # server went away would otherwise keep the bar from saying so
+        self.reader, self.reading, self.answer_s = concurrent.futures.ThreadPoolExecutor(1), None, 10.0
 
     def __enter__(self) -> TrainingProgress:
         from tqdm import tqdm
@@ -461,12 +488,35 @@ class TrainingProgress:
         self._update()
         self.bar.set_description_str("[train]", refresh=False)  # done waiting: the closed bar is the steps alone
         self.bar.close()
+        self.reader.shutdown(wait=False)
 
     def _follow(self) -> None:
         while not self.stop.wait(self.poll_s):
             self._update()
 
     def _update(self) -> None:
+        why = unreachable(self.tracking_uri, timeout_s=5)
+        if why is None:
+            if self.reading is None or self.reading.done():
+                self.reading = self.reader.submit(self._read_run)
+            try:
+                self.reading.result(timeout=self.answer_s)
+            except concurrent.futures.TimeoutError:
+                why = f"no answer in {self.answer_s:.0f} s"
+            except Exception as e:  # noqa: BLE001 - the tracking server is down: training does not need it
+                why = str(e)
+        if why is not None:
+            if self.unreachable_since is None:
+                self.unreachable_since = time.strftime("%H:%M:%S")
+                self.bar.write(f"[train] MLflow does not answer ({why.splitlines()[0][:160]}); training goes on")
+            self.bar.set_description_str(f"[train] MLflow unreachable since {self.unreachable_since}", refresh=True)
+            return
+        if self.unreachable_since is not None:
+            self.bar.write(f"[train] MLflow answers again (unreachable since {self.unreachable_since})")
+            self.unreachable_since = None
+            self.bar.set_description_str("[train]", refresh=False)
+
+    def _read_run(self) -> None:
         metrics = self.client.get_run(self.run_id).data.metrics
         for restart in self.client.get_metric_history(self.run_id, "resumed_at_step"):
             if restart.timestamp >= self.since_ms:

@@ -22,3 +22,36 @@ def test_unreachable_tracking_server_is_a_clear_error_before_any_work(tmp_path):
 def test_flatten():
     assert flatten({"a": {"b": 1, "c": {"d": [2]}}, "e": "x"}) == {"a.b": 1, "a.c.d": [2], "e": "x"}
 
+
+
+def test_the_background_logger_sends_everything_in_order_of_steps(tmp_path):
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import BackgroundLogger
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("x")).info.run_id
+    said = []
+    sender = BackgroundLogger(uri, run_id, say=said.append)
+    for step in range(1, 1201):  # more than one batch of MLflow's 1000
+        sender.log(step, {"loss": 1.0 / step})
+    sender.set_tag("gss.some", "value")
+    assert sender.close(flush_s=60) is None and said == []
+    history = client.get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 1201))
+    assert client.get_run(run_id).data.tags["gss.some"] == "value"
+
+
+def test_a_tracking_server_that_never_answers_costs_metrics_not_training_and_says_what_is_lost(monkeypatch):
+    from pipeline.tracking import BackgroundLogger
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries would take minutes
+    said = []
+    sender = BackgroundLogger("http://127.0.0.1:9", "run-1", say=said.append, retry_s=0.1)
+    for step in (5, 10, 15):
+        sender.log(step, {"loss": 1.0, "lr": 0.1})  # returns at once: nothing waits for the server
+    lost = sender.close(flush_s=1)
+    assert len(said) == 1 and said[0].startswith("MLflow at http://127.0.0.1:9 does not answer")
+    assert lost == ("MLflow at http://127.0.0.1:9 did not take them within 1 s of the end: 6 metric values of "
+                    "steps 5-15 and 0 tags of run run-1 are lost")

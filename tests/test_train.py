@@ -140,10 +140,11 @@ def test_after_the_last_step_the_bar_says_what_training_waits_for(tmp_path):
 
     from pipeline.train import TrainingProgress
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("bar")).info.run_id
     descriptions = []
-    with TrainingProgress(client, run_id, steps=4, tokens_per_step=10, finishing="scoring the final checkpoint",
+    with TrainingProgress(uri, run_id, steps=4, tokens_per_step=10, finishing="scoring the final checkpoint",
                           poll_s=3600) as progress:
         for step in (2, 4):
             client.log_batch(run_id, [Metric(key, value, 0, step) for key, value in
