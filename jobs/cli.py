@@ -39,7 +39,7 @@ def _config(args: argparse.Namespace):
         cfg = local_config(overrides)  # no CONFIG: the README's main job on local text
     else:
         cfg = load_config(path, overrides)
-    if args.command != "generate":  # every other command writes under root: fail now, not after an hour
+    if args.command not in ("generate", "export"):  # every other command writes under root: fail now, not after an hour
         check_writable(cfg.root)
     route_library_logs(cfg.root)
     args.root = cfg.root  # for main() to name the storage in an error
@@ -105,6 +105,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print()
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from jobs.export import export
+
+    generate = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["generate"]
+    sampling = {"do_sample": True, "temperature": generate.get_default("temperature"),
+                "top_k": generate.get_default("top_k")}  # `gss generate`'s defaults
+    export(_config(args), args.model_uri, args.out_dir, force=args.force, sampling=sampling)
+
+
 def cmd_sweep(args: argparse.Namespace) -> None:
     from jobs.sweep import sweep
 
@@ -167,6 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", dest="top_k", type=int, default=40)
     generate.add_argument("--seed", type=int, default=0)
 
+    export = commands.add_parser(
+        "export", help="write a Hugging Face model folder (transformers, trust_remote_code) for a model",
+        description="MODEL_URI: models:/name/version, models:/name@current, or a checkpoint folder (local or gs://; "
+                    "its tokenizer is CONFIG's dataset's). CONFIG and overrides say where MLflow and the data are.")
+    export.add_argument("model_uri", metavar="MODEL_URI")
+    export.add_argument("out_dir", metavar="OUT_DIR")
+    export.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG] [key.sub=value ...]")
+    export.add_argument("--force", action="store_true", help="replace OUT_DIR if it is not empty")
+    export.set_defaults(func=cmd_export)
+
     sweep = commands.add_parser(
         "sweep", help="a base config x the axes to vary: every cell a `gss run` on the cluster, then one comparison",
         description="SWEEP.yaml names a base config, overrides for every cell and the axes to vary (see "
@@ -204,6 +223,7 @@ def command_names() -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     from pipeline.config import ConfigError
     from pipeline.dataset import DatasetError
+    from jobs.export import ExportError
     from pipeline.evaluate import EvalError
     from pipeline.sources import SourceError
     from pipeline.storage import StorageError, explain, storage_failure
@@ -212,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, SourceError, StorageError, DatasetError, TrainingError, EvalError) as e:  # say what to do
+    except (ConfigError, SourceError, StorageError, DatasetError, TrainingError, EvalError, ExportError) as e:  # say what to do
         raise SystemExit(f"gss {args.command}: {e}") from None
     except Exception as e:
         failure = storage_failure(e)  # the storage went away mid-command, after its client's retries
