@@ -230,9 +230,10 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.train import TrainingError
 
     args = build_parser().parse_args(argv)
+    errors = (ConfigError, SourceError, StorageError, DatasetError, TrainingError, EvalError, ExportError)
     try:
         args.func(args)
-    except (ConfigError, SourceError, StorageError, DatasetError, TrainingError, EvalError, ExportError) as e:  # say what to do
+    except errors as e:  # say what to do
         raise SystemExit(f"gss {args.command}: {e}") from None
     except Exception as e:
         failure = storage_failure(e)  # the storage went away mid-command, after its client's retries

@@ -38,6 +38,10 @@ def export(cfg: RunConfig, model_uri: str, out: str, force: bool = False, sampli
     from pipeline.dataset import dataset_dir
     from pipeline.evaluate import load_model
 
+    import importlib.util
+
+    if importlib.util.find_spec("safetensors") is None:
+        raise ExportError("needs the hf extra: pip install -e '.[hf]' (transformers, safetensors)")
     out = os.path.abspath(out)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not force:
         raise ExportError(f"{out} exists and is not an empty folder; give --force to replace it")
