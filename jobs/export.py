@@ -55,6 +55,7 @@ def export(cfg: RunConfig, model_uri: str, out: str, force: bool = False, sampli
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)  # same filesystem: rename is atomic
     try:
         _write(tmp, loaded, tokenizer, _card_facts(loaded, dataset), sampling or {})
+        _readable_as_umask_says(tmp)
         if os.path.exists(out):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old.", dir=parent)
             os.replace(out, os.path.join(old, "replaced"))
@@ -66,6 +67,15 @@ def export(cfg: RunConfig, model_uri: str, out: str, force: bool = False, sampli
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"exported {loaded.uri} to {out}")
     return out
+
+
+def _readable_as_umask_says(folder: str) -> None:
+    """mkdtemp's folder and safetensors' file are private to their owner; an export is made to be shared."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+    for name in os.listdir(folder):
+        os.chmod(os.path.join(folder, name), 0o666 & ~mask)
 
 
 def _tokenizer_bytes(dataset: str, loaded) -> bytes:
