@@ -24,7 +24,7 @@ sys.meta_path = [f for f in sys.meta_path if not getattr(f, "__module__", "").st
 sys.path_hooks = [h for h in sys.path_hooks if "editable" not in getattr(h, "__qualname__", "").lower()]
 assert importlib.util.find_spec("models") is None and importlib.util.find_spec("pipeline") is None
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 folder, inputs, out = sys.argv[1:]
 given = torch.load(inputs)
@@ -115,3 +115,34 @@ def test_bad_inputs_are_one_line_and_leave_nothing_behind(trained, tmp_path):
     main(["export", result["checkpoint"], str(taken), *overrides, "--force"])  # a checkpoint folder, replacing
     assert not (taken / "keep.txt").exists() and (taken / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no temporary folders left
+
+
+EVERY_ARCH_ELSEWHERE = LOAD_ELSEWHERE[:LOAD_ELSEWHERE.index("folder, inputs, out")] + """
+import json, shutil
+folder, root = sys.argv[1:]
+for arch in ("gss", "dss", "hybrid", "transformer"):
+    copy = f"{root}/{arch}"
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("model.safetensors"))
+    config = json.load(open(f"{copy}/config.json"))
+    config["gss"].update(arch=arch, attn_chunk=8)  # the hybrid's local attention crosses chunks while decoding
+    json.dump(config, open(f"{copy}/config.json", "w"))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(copy, trust_remote_code=True),
+                                             trust_remote_code=True).eval()
+    prompt = torch.randint(3, config["vocab_size"], (1, 12))
+    decoded = model.generate(prompt, max_new_tokens=20, do_sample=False)  # prefill, then one step per token
+    reference = prompt
+    with torch.no_grad():
+        for _ in range(20):  # the whole sequence through the parallel pass for each new token
+            reference = torch.cat([reference, model(reference).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(decoded, reference), arch
+"""
+
+
+def test_every_architecture_decodes_recurrently_as_its_parallel_pass_reads(trained, tmp_path):
+    overrides, result, _ = trained
+    main(["export", result["checkpoint"], str(tmp_path / "hf"), *overrides])
+    job = subprocess.run([sys.executable, "-c", EVERY_ARCH_ELSEWHERE, str(tmp_path / "hf"), str(tmp_path)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert job.returncode == 0, job.stderr[-3000:]
