@@ -85,7 +85,11 @@ def _tokenizer_bytes(dataset: str, loaded) -> bytes:
 
     manifest = load_manifest(dataset)  # DatasetError if not prepared
     fs, path = filesystem(dataset)
-    model_bytes = fs.cat_file(join(path, TOKENIZER))
+    try:
+        model_bytes = fs.cat_file(join(path, TOKENIZER))
+    except FileNotFoundError:
+        raise ExportError(f"the model's tokenizer, {join(dataset, TOKENIZER)}, is gone: prepare the dataset again "
+                          "(`gss prepare` with the model's data config) or restore the file") from None
     sha = tokenizer_hash(model_bytes)
     if manifest["tokenizer"]["vocab_size"] != loaded.model.cfg.vocab_size or (
             loaded.tokenizer_sha256 and loaded.tokenizer_sha256 != sha):

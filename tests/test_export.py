@@ -116,6 +116,17 @@ def test_bad_inputs_are_one_line_and_leave_nothing_behind(trained, tmp_path):
     assert not (taken / "keep.txt").exists() and (taken / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no temporary folders left
 
+    from pipeline.dataset import TOKENIZER, dataset_dir
+
+    tokenizer = Path(dataset_dir(load_config(None, overrides))) / TOKENIZER
+    tokenizer.rename(tmp_path / "away")
+    try:
+        with pytest.raises(SystemExit, match=r"^gss export: the model's tokenizer, .*tokenizer.model, is gone: prepare"):
+            main(["export", "models:/gss-hf@current", str(tmp_path / "b"), *overrides])
+    finally:
+        (tmp_path / "away").rename(tokenizer)
+    assert not (tmp_path / "b").exists()
+
 
 EVERY_ARCH_ELSEWHERE = LOAD_ELSEWHERE[:LOAD_ELSEWHERE.index("folder, inputs, out")] + """
 import json, shutil
