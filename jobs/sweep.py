@@ -18,6 +18,11 @@ driving its own `gss run` (its own MLflow parent run, tagged with the sweep and 
 as many run at once as the cluster's CPUs, GPUs and TPUs hold cells' trainers, the rest queue. Re-running a sweep
 skips finished cells (each `gss run` skips what is complete) and finishes the others; a cell that fails (its
 config, or its run) is reported and the others go on.
+
+The sweep ends with its summary (<root>/sweeps/<name>/summary.md, printed): a table per `panels` value, a row per
+`lines` value with the mean and min-max over the other axes (seeds), and each panel's best line: the one with
+the lowest token perplexity (loss) at the training length. So with `panels: arch` and `lines: lr`
+(configs/sweep-lr.yaml) it names each architecture's best learning rate.
 """
 
 from __future__ import annotations
@@ -162,15 +167,17 @@ def sweep(path: str, overrides: list[str] = ()) -> dict[str, Any]:
             client.set_tag(done[name]["parent_run_id"], key, value)
         print(f"[sweep] {name}: done ({len(done)}/{len(configs)})")
 
-    rows = compare_sweep(spec, first, configs)
+    comparison = compare_sweep(spec, first, configs)
     print(f"[sweep] {len(done)} cell(s) done, {len(failed)} failed" + "".join(f"\n  {n}: {e}" for n, e in failed.items()))
-    return {"done": done, "failed": failed, "rows": rows}
+    return {"done": done, "failed": failed, **comparison}
 
 
-def compare_sweep(spec: Sweep, cfg: RunConfig, configs: dict[str, RunConfig]) -> dict[str, list[dict[str, Any]]]:
-    """`gss compare` over the sweep's runs for each metric, into <root>/sweeps/<name>/<metric>/, and the sweep's
-    plot: perplexity against length, a panel per `panels` value, a line per `lines` value (mean over the rest,
-    the spread as a band), the training length marked."""
+def compare_sweep(spec: Sweep, cfg: RunConfig, configs: dict[str, RunConfig]) -> dict[str, Any]:
+    """`gss compare` over the sweep's runs for each metric, into <root>/sweeps/<name>/<metric>/; then the sweep's
+    own view: `summary.md` (each metric by length, a table per `panels` value, a row per `lines` value: the mean,
+    min-max over the other axes, and each panel's best line) and `sweep.png` (perplexity against length, a panel
+    per `panels` value, a line per `lines` value, the spread as a band, the training length marked), and when the
+    `lines` values are numbers (a learning rate), `best.png`: the score against them, a line per panel."""
     from mlflow import MlflowClient
 
     from jobs.compare import METRICS, compare
@@ -180,23 +187,116 @@ def compare_sweep(spec: Sweep, cfg: RunConfig, configs: dict[str, RunConfig]) ->
     experiment_id = tracking.setup(cfg)
     parents = [r.info.run_id for r in MlflowClient().search_runs([experiment_id], tracking.tag_is(SWEEP_TAG, spec.name))]
     if not parents:
-        return {}
+        return {"rows": {}, "best": {}}
     out = join(cfg.root, "sweeps", spec.name)
     split = cfg.eval.splits[0]
     rows = {metric: compare(cfg, parents, split=split, metric=metric, out=join(out, metric)) for metric in METRICS}
     values = {cell.name: cell.values for cell in spec.cells}
+    train_length = {name: c.data.pack.seq_len for name, c in configs.items()}
+    groups = {metric: group_curves(spec, metric_rows, values, train_length) for metric, metric_rows in rows.items()}
+    best = best_lines(groups["token_ppl"])
+    summary = summarize(spec, split, groups, best)
+    print(summary)
     fs, folder = filesystem(out)
+    fs.pipe(join(folder, "summary.md"), summary.encode())
     with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, "sweep.png")
-        _plot(spec, rows["token_ppl"], values, {n: c.data.pack.seq_len for n, c in configs.items()},
-              f"{split} token perplexity", local)
-        fs.put(local, join(folder, "sweep.png"))
-    print(f"[sweep] comparison: {out}/<metric>/compare.md, {join(out, 'sweep.png')}")
-    return rows
+        for name, plot in (("sweep.png", _plot_lengths), ("best.png", _plot_best)):
+            local = os.path.join(tmp, name)
+            if plot(spec, groups["token_ppl"], best, f"{split} token perplexity", local):
+                fs.put(local, join(folder, name))
+    print(f"[sweep] comparison: {join(out, 'summary.md')}, sweep.png, <metric>/compare.md")
+    return {"rows": rows, "best": best}
 
 
-def _plot(spec: Sweep, rows: list[dict[str, Any]], values: dict[str, dict[str, str]], train_lengths: dict[str, int],
-          what: str, path: str) -> None:
+@dataclass
+class Group:
+    """The cells of one (panel, line) pair: their curves {length: value} and the training length scored as theirs."""
+
+    curves: list[dict[int, float]]
+    train_length: int
+
+    def lengths(self) -> list[int]:
+        return sorted(set.intersection(*(set(c) for c in self.curves)))
+
+    def at(self, length: int) -> tuple[float, float, float]:
+        """(mean, min, max) over the cells at `length`."""
+        points = [c[length] for c in self.curves]
+        return statistics.mean(points), min(points), max(points)
+
+    def score(self) -> float:
+        """The mean at the training length (the shortest evaluated length if that one was not)."""
+        lengths = self.lengths()
+        return self.at(self.train_length if self.train_length in lengths else lengths[0])[0]
+
+
+def group_curves(spec: Sweep, rows: list[dict[str, Any]], values: dict[str, dict[str, str]],
+                 train_length: dict[str, int]) -> dict[str, dict[str, Group]]:
+    """{panel value: {line value: Group}} in the sweep file's order; runs without a finished eval are left out."""
+    order = {axis: list(dict.fromkeys(cell.values[axis] for cell in spec.cells)) for axis in (spec.panels, spec.lines)}
+    found: dict[tuple[str, str], Group] = {}
+    for row in rows:
+        if row["run"] in values and row["lengths"]:
+            cell = values[row["run"]]
+            key = cell[spec.panels], cell[spec.lines]
+            found.setdefault(key, Group([], train_length[row["run"]])).curves.append(row["lengths"])
+    groups: dict[str, dict[str, Group]] = {}
+    for panel in order[spec.panels]:
+        lines = {line: found[panel, line] for line in order[spec.lines] if (panel, line) in found}
+        if lines:
+            groups[panel] = lines
+    return groups
+
+
+def best_lines(groups: dict[str, dict[str, Group]]) -> dict[str, dict[str, Any]]:
+    """Per panel: the line with the lowest score (token perplexity at the training length, i.e. the lowest loss)."""
+    best = {}
+    for panel, lines in groups.items():
+        scores = {line: group.score() for line, group in lines.items()}
+        winner = min(scores, key=scores.get)
+        best[panel] = {"line": winner, "score": scores[winner], "scores": scores}
+    return best
+
+
+def _number(value: float) -> str:
+    return f"{value:.2f}" if value < 1000 else f"{value:.1f}"
+
+
+def summarize(spec: Sweep, split: str, groups: dict[str, dict[str, dict[str, Group]]],
+              best: dict[str, dict[str, Any]]) -> str:
+    """Markdown: for each panel, a row per line and metric (mean and min-max over the other axes at each length,
+    and the longest length over the training length), then the panel's best line."""
+    lines = [f"# Sweep {spec.name}: {split} split, mean (min-max) over the cells of each {spec.lines}", ""]
+    for panel, by_line in groups["token_ppl"].items():
+        lengths = sorted({n for g in by_line.values() for n in g.lengths()})
+        train = next(iter(by_line.values())).train_length
+        ratio = train in lengths and lengths[-1] > train  # how the score moves beyond the training length
+        header = [spec.lines, "cells", "metric", *(f"L={n}" for n in lengths)]
+        header += [f"L={lengths[-1]} / L={train}"] if ratio else []
+        lines += [f"**{spec.panels} = {panel}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for line in by_line:
+            for metric, metric_groups in groups.items():
+                group = metric_groups.get(panel, {}).get(line)
+                if group is None:
+                    continue
+                cells = []
+                for n in lengths:
+                    if n not in group.lengths():
+                        cells.append("")
+                        continue
+                    mean, low, high = group.at(n)
+                    cells.append(_number(mean) + (f" ({_number(low)}–{_number(high)})" if len(group.curves) > 1 else ""))
+                if ratio:
+                    cells.append(f"{group.at(lengths[-1])[0] / group.at(train)[0]:.3f}")
+                lines.append("| " + " | ".join([line, str(len(group.curves)), metric, *cells]) + " |")
+        winner = best[panel]
+        lines += ["", f"Best {spec.lines} for {spec.panels} = {panel}: **{winner['line']}** ({split} token perplexity "
+                  f"{_number(winner['score'])} at the training length; "
+                  + ", ".join(f"{line}: {_number(score)}" for line, score in winner["scores"].items()) + ")", ""]
+    return "\n".join(lines)
+
+
+def _plot_lengths(spec: Sweep, groups: dict[str, dict[str, Group]], best: dict[str, dict[str, Any]], what: str,
+                  path: str) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -204,25 +304,49 @@ def _plot(spec: Sweep, rows: list[dict[str, Any]], values: dict[str, dict[str, s
 
     from pipeline.evaluate import length_axis
 
-    groups: dict[str, dict[str, list[dict[int, float]]]] = {}
-    for row in rows:
-        if row["run"] in values:
-            cell = values[row["run"]]
-            groups.setdefault(cell[spec.panels], {}).setdefault(cell[spec.lines], []).append(row["lengths"])
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
-    for ax, (panel, lines) in zip(axes[0], sorted(groups.items())):
-        for line, curves in sorted(lines.items()):
-            lengths = sorted(set.intersection(*(set(c) for c in curves)))
-            points = [[c[n] for c in curves] for n in lengths]
-            ax.plot(lengths, [statistics.mean(p) for p in points], marker="o", label=f"{line} (n={len(curves)})")
-            if len(curves) > 1:
-                ax.fill_between(lengths, [min(p) for p in points], [max(p) for p in points], alpha=0.2)
-        trained = {train_lengths[r] for r, v in values.items() if v[spec.panels] == panel and r in train_lengths}
-        for n in trained:
+    for ax, (panel, lines) in zip(axes[0], groups.items()):
+        for line, group in lines.items():
+            lengths = group.lengths()
+            points = [group.at(n) for n in lengths]
+            ax.plot(lengths, [p[0] for p in points], marker="o", label=f"{line} (n={len(group.curves)})")
+            if len(group.curves) > 1:
+                ax.fill_between(lengths, [p[1] for p in points], [p[2] for p in points], alpha=0.2)
+        for n in {group.train_length for group in lines.values()}:
             ax.axvline(n, color="grey", linestyle="--", label=f"training length {n}")
         ax.set_title(f"{spec.panels} = {panel}")
         length_axis(ax, what)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
+
+def _plot_best(spec: Sweep, groups: dict[str, dict[str, Group]], best: dict[str, dict[str, Any]], what: str,
+               path: str) -> bool:
+    """The score against the `lines` values when they are numbers (log axis), a line per panel, the best marked;
+    False (no plot) otherwise."""
+    try:
+        numeric = {line: float(line) for lines in groups.values() for line in lines}
+    except ValueError:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for panel, lines in groups.items():
+        xs = sorted(lines, key=numeric.get)
+        ax.plot([numeric[x] for x in xs], [lines[x].score() for x in xs], marker="o", label=f"{spec.panels} = {panel}")
+        ax.plot(numeric[best[panel]["line"]], best[panel]["score"], marker="*", markersize=14, color="black")
+    ax.set_xscale("log")
+    ax.set_xlabel(spec.lines)
+    ax.set_ylabel(f"{what} at the training length")
+    ax.set_title(f"sweep {spec.name}: the best {spec.lines} per {spec.panels} (stars)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

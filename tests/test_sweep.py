@@ -4,7 +4,7 @@ comparison; a re-run trains nothing."""
 import pytest
 import yaml
 
-from jobs.sweep import SWEEP_TAG, load_sweep, sweep
+from jobs.sweep import SWEEP_TAG, Cell, Sweep, _plot_best, best_lines, group_curves, load_sweep, summarize, sweep
 from pipeline.config import ConfigError
 from tests.corpus import run_config, write_pg19
 
@@ -41,6 +41,11 @@ def test_a_sweep_runs_every_cell_reports_the_broken_one_and_compares_them(sweep_
     assert len(rows) == 4 and all(set(r["lengths"]) == {64, 128} for r in rows)
     out = sweep_file.parent / "out" / "sweeps" / "tiny"
     assert (out / "sweep.png").exists() and (out / "word_ppl" / "compare.csv").read_text().count("\n") == 5
+    for corpus in ("a", "b"):  # the best line of each panel: the architecture with the lower perplexity at L=64
+        scores = {r["run"].rsplit("-", 1)[1]: r["lengths"][64] for r in rows if r["run"].startswith(f"tiny-{corpus}-")}
+        assert first["best"][corpus]["line"] == min(scores, key=scores.get)
+    summary = (out / "summary.md").read_text()
+    assert "**corpus = a**" in summary and f"Best arch for corpus = b: **{first['best']['b']['line']}**" in summary
 
     trained = {r.info.run_id for r in client.search_runs([parents[0].info.experiment_id], "tags.`gss.stage` = 'train'")}
     again = sweep(str(sweep_file))  # finished cells: every stage skipped
@@ -56,3 +61,37 @@ def test_a_sweep_file_is_checked(tmp_path):
     (tmp_path / "t.yaml").write_text(yaml.safe_dump({"name": "x", "axes": {"a": {"1": {}}}, "axis": {}}))
     with pytest.raises(ConfigError, match="unknown: \\['axis'\\]"):
         load_sweep(str(tmp_path / "t.yaml"))
+
+
+def test_the_summary_averages_over_seeds_and_names_each_panels_best_learning_rate(tmp_path):
+    """A learning-rate search: panels arch, lines lr, 2 seeds; made-up results where the best mean is not the
+    best single cell, so a best taken from one seed would be wrong."""
+    results = {  # (arch, lr, seed): {length: token perplexity}
+        ("gss", "1e-3", "0"): {8: 20.0, 16: 19.0}, ("gss", "1e-3", "1"): {8: 30.0, 16: 29.0},  # mean 25
+        ("gss", "4e-3", "0"): {8: 22.0, 16: 21.0}, ("gss", "4e-3", "1"): {8: 24.0, 16: 23.0},  # mean 23: best
+        ("dss", "1e-3", "0"): {8: 40.0, 16: 38.0}, ("dss", "1e-3", "1"): {8: 42.0, 16: 40.0},  # best
+        ("dss", "4e-3", "0"): {8: 50.0, 16: 48.0},  # its seed 1 cell has no finished eval: left out
+    }
+    cells = [Cell(f"lr-{a}-{lr}-{seed}", {"arch": a, "lr": lr, "seed": seed}, [])
+             for a in ("gss", "dss") for lr in ("1e-3", "4e-3") for seed in ("0", "1")]
+    spec = Sweep("lr", "", cells, panels="arch", lines="lr")
+    rows = [{"run": f"lr-{a}-{lr}-{seed}", "lengths": results.get((a, lr, seed), {})} for a, lr, seed in
+            (c.values.values() for c in cells)]
+    values = {c.name: c.values for c in cells}
+    groups = group_curves(spec, rows, values, {c.name: 8 for c in cells})
+    assert list(groups) == ["gss", "dss"] and list(groups["gss"]) == ["1e-3", "4e-3"]
+    best = best_lines(groups)
+    assert {panel: b["line"] for panel, b in best.items()} == {"gss": "4e-3", "dss": "1e-3"}
+    assert best["gss"]["scores"] == {"1e-3": 25.0, "4e-3": 23.0}
+
+    summary = summarize(spec, "validation", {"token_ppl": groups}, best)
+    assert "| 1e-3 | 2 | token_ppl | 25.00 (20.00–30.00) | 24.00 (19.00–29.00) | 0.960 |" in summary
+    assert "| 4e-3 | 1 | token_ppl | 50.00 | 48.00 | 0.960 |" in summary  # one cell: no range
+    assert "Best lr for arch = gss: **4e-3** (validation token perplexity 23.00" in summary
+    assert _plot_best(spec, groups, best, "validation token perplexity", str(tmp_path / "best.png"))
+    assert (tmp_path / "best.png").stat().st_size > 0
+    named = Sweep("lr", "", [Cell(c.name, {**c.values, "lr": {"1e-3": "low", "4e-3": "high"}[c.values["lr"]]}, [])
+                             for c in cells], panels="arch", lines="lr")
+    named_groups = group_curves(named, rows, {c.name: c.values for c in named.cells}, {c.name: 8 for c in cells})
+    assert list(named_groups["gss"]) == ["low", "high"]
+    assert not _plot_best(spec, named_groups, best_lines(named_groups), "", str(tmp_path / "none.png"))  # not numbers
