@@ -117,7 +117,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_sweep(args: argparse.Namespace) -> None:
     from jobs.sweep import sweep
 
-    result = sweep(args.sweep, args.overrides)
+    result = sweep(args.sweep, args.overrides, args.only or [])
     if result["failed"]:
         raise SystemExit(f"gss sweep: {len(result['failed'])} cell(s) failed (listed above); the others are done")
 
@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "resources allow; finished cells are skipped on a re-run; a failed cell does not stop the others.")
     sweep.add_argument("sweep", metavar="SWEEP.yaml")
     sweep.add_argument("overrides", nargs="*", metavar="key.sub=value", help="for every cell, after the sweep's own")
+    sweep.add_argument("--only", action="append", metavar="AXIS=VALUE",
+                       help="run only the cells with this value (repeatable: all must hold); the summary still "
+                            "covers every finished cell of the sweep under root")
     sweep.set_defaults(func=cmd_sweep)
 
     submit = commands.add_parser(

@@ -97,6 +97,18 @@ def load_sweep(path: str, overrides: list[str] = ()) -> Sweep:
     return Sweep(spec["name"], base, cells, spec.get("panels", names[0]), spec.get("lines", names[min(1, len(names) - 1)]))
 
 
+def select(spec: Sweep, only: list[str]) -> list[str]:
+    """The names of the cells `--only AXIS=VALUE ...` picks: those with all of these values (no rule: all)."""
+    axes = spec.cells[0].values if spec.cells else {}
+    values = {axis: list(dict.fromkeys(cell.values[axis] for cell in spec.cells)) for axis in axes}
+    wanted = dict(rule.partition("=")[::2] for rule in only)
+    for axis, value in wanted.items():
+        if value not in values.get(axis, []):
+            known = "; ".join(f"{a}: {', '.join(v)}" for a, v in values.items())
+            raise ConfigError(f"gss sweep --only {axis}={value}: not a value of the sweep's axes ({known})")
+    return [cell.name for cell in spec.cells if all(cell.values[a] == v for a, v in wanted.items())]
+
+
 def _run_cell(cfg: dict[str, Any]) -> dict[str, Any]:
     """(A Ray task.) One cell: `gss run` with its config; returns its parent run id and model."""
     from jobs.run import run_pipeline
@@ -115,7 +127,7 @@ def cells_at_once(cfg: RunConfig) -> int:
     return max(1, math.floor(min(fits)))
 
 
-def sweep(path: str, overrides: list[str] = ()) -> dict[str, Any]:
+def sweep(path: str, overrides: list[str] = (), only: list[str] = ()) -> dict[str, Any]:
     import ray
     from mlflow import MlflowClient
 
@@ -126,29 +138,32 @@ def sweep(path: str, overrides: list[str] = ()) -> dict[str, Any]:
     from pipeline.prepare import prepare_stage
 
     spec = load_sweep(path, overrides)
-    configs, failed = {}, {}
+    chosen = select(spec, only)
+    configs, failed = {}, {}  # of every cell, for the summary, which covers the sweep's finished cells under root
     for cell in spec.cells:
         try:
             configs[cell.name] = load_config(spec.base or None, cell.overrides)
         except ConfigError as e:
-            failed[cell.name] = f"config: {e}"
-            print(f"[sweep] {cell.name}: FAILED, {failed[cell.name]}")
-    if not configs:
-        raise ConfigError(f"gss sweep: no cell of {path} has a valid config")
-    first = next(iter(configs.values()))
+            if cell.name in chosen:
+                failed[cell.name] = f"config: {e}"
+                print(f"[sweep] {cell.name}: FAILED, {failed[cell.name]}")
+    todo = [name for name in configs if name in chosen]
+    if not todo:
+        raise ConfigError(f"gss sweep: no cell of {path}{' picked by --only' if only else ''} has a valid config")
+    first = configs[todo[0]]
     route_library_logs(first.root)
     connect(first.ray)
-    datasets = {dataset_dir(cfg): cfg for cfg in configs.values()}  # one preparation per dataset
+    datasets = {dataset_dir(configs[name]): configs[name] for name in todo}  # one preparation per dataset
     for dataset, cfg in datasets.items():
         if not is_complete(dataset):
             prepare_stage(cfg)
     at_once = cells_at_once(first)
-    print(f"[sweep] {spec.name}: {len(configs)} cell(s) on {len(datasets)} dataset(s), {at_once} at a time")
+    print(f"[sweep] {spec.name}: {len(todo)} cell(s) on {len(datasets)} dataset(s), {at_once} at a time")
 
     tracking.setup(first)
     client = MlflowClient()
     cells = {cell.name: cell for cell in spec.cells}
-    todo, running, done = list(configs), {}, {}
+    total, running, done = len(todo), {}, {}
     task = ray.remote(num_cpus=0)(_run_cell)  # a driver, no CPU of its own: its trainer asks for the resources
     while todo or running:
         while todo and len(running) < at_once:
@@ -165,7 +180,7 @@ def sweep(path: str, overrides: list[str] = ()) -> dict[str, Any]:
         tags = {SWEEP_TAG: spec.name, CELL_TAG: name, **{f"{SWEEP_TAG}.{a}": v for a, v in cells[name].values.items()}}
         for key, value in tags.items():
             client.set_tag(done[name]["parent_run_id"], key, value)
-        print(f"[sweep] {name}: done ({len(done)}/{len(configs)})")
+        print(f"[sweep] {name}: done ({len(done)}/{total})")
 
     comparison = compare_sweep(spec, first, configs)
     print(f"[sweep] {len(done)} cell(s) done, {len(failed)} failed" + "".join(f"\n  {n}: {e}" for n, e in failed.items()))

@@ -88,15 +88,16 @@ _SMALL = ModelConfig(
 )  # fmt: skip
 
 # Paper presets of about the same size (184-203M parameters with the 32k vocabulary, embeddings
-# tied): GSS 16 layers; DSS blocks (DSS over E plus an MLP) 15 layers; Transformer 12 layers;
+# tied): GSS 16 layers; DSS blocks (DSS over E with a GLU, plus an MLP 7/8 as wide, which pays for the GLU)
+# 15 layers; Transformer 12 layers;
 # the hybrid replaces every 4th GSS layer by a chunked-attention block. Counts: `gss params`.
 PRESETS: dict[str, ModelConfig] = {
     "paper-gss": _PAPER,
     "paper-gss-hybrid": replace(_PAPER, arch="hybrid"),
-    "paper-dss": replace(_PAPER, arch="dss", n_layers=15),
+    "paper-dss": replace(_PAPER, arch="dss", n_layers=15, d_gate=3584),
     "paper-transformer": replace(_PAPER, arch="transformer", n_layers=12),
     "small-gss": _SMALL,
     "small-gss-hybrid": replace(_SMALL, arch="hybrid"),
-    "small-dss": replace(_SMALL, arch="dss"),
+    "small-dss": replace(_SMALL, arch="dss", d_gate=896),
     "small-transformer": replace(_SMALL, arch="transformer", n_layers=3),
 }

@@ -85,19 +85,21 @@ class MLP(nn.Module):
 class DSSBlock(SSMBlock):
     """The DSS baseline the paper compares with: DSS over all E channels, then an MLP.
 
-    x + W_o GELU(DSS(LayerNorm(x))), followed by a pre-LN MLP of width F.
+    x + GLU(W_o GELU(DSS(LayerNorm(x)))), followed by a pre-LN MLP of width F. The GLU after the SSM is the
+    S4/DSS language-model block's (`postact: glu`); without it the block mixes tokens only through a fixed
+    per-channel filter, and learns markedly slower (BENCHMARKS.md section 10).
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm = nn.LayerNorm(cfg.d_model)
         self.ssm = DiagonalSSM(cfg.d_model, cfg.state_size, cfg.ssm_kernel, cfg.ssm_chunk, cfg.ssm_max_memory)
-        self.out = nn.Linear(cfg.d_model, cfg.d_model)
+        self.out = nn.Linear(cfg.d_model, 2 * cfg.d_model)  # value and gate halves of the GLU
         self.mlp = MLP(cfg)
 
     def mix(self, x: Tensor, run_ssm: Callable[[Tensor], tuple[Tensor, Any]]) -> tuple[Tensor, Any]:
         y, state = run_ssm(self.norm(x))
-        return self.mlp(x + self.out(F.gelu(y))), state
+        return self.mlp(x + F.glu(self.out(F.gelu(y)), dim=-1)), state
 
 
 def rotary(x: Tensor, positions: Tensor, base: float) -> Tensor:

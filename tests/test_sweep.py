@@ -4,7 +4,8 @@ comparison; a re-run trains nothing."""
 import pytest
 import yaml
 
-from jobs.sweep import SWEEP_TAG, Cell, Sweep, _plot_best, best_lines, group_curves, load_sweep, summarize, sweep
+from jobs.sweep import (SWEEP_TAG, Cell, Sweep, _plot_best, best_lines, group_curves, load_sweep, select, summarize,
+                        sweep)
 from pipeline.config import ConfigError
 from tests.corpus import run_config, write_pg19
 
@@ -48,8 +49,9 @@ def test_a_sweep_runs_every_cell_reports_the_broken_one_and_compares_them(sweep_
     assert "**corpus = a**" in summary and f"Best arch for corpus = b: **{first['best']['b']['line']}**" in summary
 
     trained = {r.info.run_id for r in client.search_runs([parents[0].info.experiment_id], "tags.`gss.stage` = 'train'")}
-    again = sweep(str(sweep_file))  # finished cells: every stage skipped
-    assert sorted(again["done"]) == sorted(first["done"])
+    again = sweep(str(sweep_file), only=["arch=gss"])  # finished cells: every stage skipped
+    assert sorted(again["done"]) == ["tiny-a-gss", "tiny-b-gss"] and not again["failed"]  # the typo cells not picked
+    assert again["best"] == first["best"]  # the summary still covers every finished cell
     assert {r.info.run_id for r in client.search_runs([parents[0].info.experiment_id],
                                                       "tags.`gss.stage` = 'train'")} == trained
 
@@ -61,6 +63,12 @@ def test_a_sweep_file_is_checked(tmp_path):
     (tmp_path / "t.yaml").write_text(yaml.safe_dump({"name": "x", "axes": {"a": {"1": {}}}, "axis": {}}))
     with pytest.raises(ConfigError, match="unknown: \\['axis'\\]"):
         load_sweep(str(tmp_path / "t.yaml"))
+    (tmp_path / "u.yaml").write_text(yaml.safe_dump({"name": "x", "axes": {"a": {"1": {}, "2": {}}, "b": {"3": {}, "4": {}}}}))
+    spec = load_sweep(str(tmp_path / "u.yaml"))
+    assert select(spec, []) == ["x-1-3", "x-1-4", "x-2-3", "x-2-4"]
+    assert select(spec, ["a=2"]) == ["x-2-3", "x-2-4"] and select(spec, ["a=2", "b=3"]) == ["x-2-3"]
+    with pytest.raises(ConfigError, match="--only a=5: not a value of the sweep's axes \\(a: 1, 2; b: 3, 4\\)"):
+        select(spec, ["a=5"])
 
 
 def test_the_summary_averages_over_seeds_and_names_each_panels_best_learning_rate(tmp_path):
