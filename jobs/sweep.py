@@ -214,11 +214,12 @@ def compare_sweep(spec: Sweep, cfg: RunConfig, configs: dict[str, RunConfig]) ->
     print(summary)
     fs, folder = filesystem(out)
     fs.pipe(join(folder, "summary.md"), summary.encode())
+    what = f"{split} token perplexity"
     with tempfile.TemporaryDirectory() as tmp:
-        for name, plot in (("sweep.png", _plot_lengths), ("best.png", _plot_best)):
-            local = os.path.join(tmp, name)
-            if plot(spec, groups["token_ppl"], best, f"{split} token perplexity", local):
-                fs.put(local, join(folder, name))
+        _plot_lengths(spec, groups["token_ppl"], what, os.path.join(tmp, "sweep.png"))
+        fs.put(os.path.join(tmp, "sweep.png"), join(folder, "sweep.png"))
+        if _plot_best(spec, groups["token_ppl"], best, what, os.path.join(tmp, "best.png")):
+            fs.put(os.path.join(tmp, "best.png"), join(folder, "best.png"))
     print(f"[sweep] comparison: {join(out, 'summary.md')}, sweep.png, <metric>/compare.md")
     return {"rows": rows, "best": best}
 
@@ -293,15 +294,16 @@ def summarize(spec: Sweep, split: str, groups: dict[str, dict[str, dict[str, Gro
                 group = metric_groups.get(panel, {}).get(line)
                 if group is None:
                     continue
-                cells = []
+                cells, have = [], group.lengths()
                 for n in lengths:
-                    if n not in group.lengths():
+                    if n not in have:
                         cells.append("")
                         continue
                     mean, low, high = group.at(n)
                     cells.append(_number(mean) + (f" ({_number(low)}–{_number(high)})" if len(group.curves) > 1 else ""))
                 if ratio:
-                    cells.append(f"{group.at(lengths[-1])[0] / group.at(train)[0]:.3f}")
+                    cells.append(f"{group.at(lengths[-1])[0] / group.at(train)[0]:.3f}"
+                                 if {train, lengths[-1]} <= set(have) else "")
                 lines.append("| " + " | ".join([line, str(len(group.curves)), metric, *cells]) + " |")
         winner = best[panel]
         lines += ["", f"Best {spec.lines} for {spec.panels} = {panel}: **{winner['line']}** ({split} token perplexity "
@@ -310,8 +312,7 @@ def summarize(spec: Sweep, split: str, groups: dict[str, dict[str, dict[str, Gro
     return "\n".join(lines)
 
 
-def _plot_lengths(spec: Sweep, groups: dict[str, dict[str, Group]], best: dict[str, dict[str, Any]], what: str,
-                  path: str) -> bool:
+def _plot_lengths(spec: Sweep, groups: dict[str, dict[str, Group]], what: str, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -334,7 +335,6 @@ def _plot_lengths(spec: Sweep, groups: dict[str, dict[str, Group]], best: dict[s
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
 
 
 def _plot_best(spec: Sweep, groups: dict[str, dict[str, Group]], best: dict[str, dict[str, Any]], what: str,
