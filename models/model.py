@@ -99,7 +99,9 @@ class DSSBlock(SSMBlock):
 
     def mix(self, x: Tensor, run_ssm: Callable[[Tensor], tuple[Tensor, Any]]) -> tuple[Tensor, Any]:
         y, state = run_ssm(self.norm(x))
-        return self.mlp(x + F.glu(self.out(F.gelu(y)), dim=-1)), state
+        value, gate = self.out(F.gelu(y)).chunk(2, dim=-1)
+        # spelled out rather than F.glu: PyTorch/XLA has no lowering for glu's backward (it falls back to the host)
+        return self.mlp(x + value * torch.sigmoid(gate)), state
 
 
 def rotary(x: Tensor, positions: Tensor, base: float) -> Tensor:
