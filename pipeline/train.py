@@ -470,9 +470,11 @@ class TrainingProgress:
         self.since_ms = int(time.time() * 1000)
         self.stop = threading.Event()
         self.unreachable_since: str | None = None
-        # reads run in their own thread, waited for `answer_s`: one caught in MLflow's retries (minutes) when the
-        # server went away would otherwise keep the bar from saying so
-        self.reader, self.reading, self.answer_s = concurrent.futures.ThreadPoolExecutor(1), None, 10.0
+        # reads run in their own daemon thread, waited for `answer_s`: one caught in MLflow's retries (minutes) when
+        # the server went away would otherwise keep the bar from saying so, and once the server is back, a read
+        # still asleep in those retries is left behind for a fresh one rather than waited for
+        self.reading: concurrent.futures.Future | None = None
+        self.reading_since, self.answer_s = 0.0, 10.0
 
     def __enter__(self) -> TrainingProgress:
         from tqdm import tqdm
@@ -488,7 +490,6 @@ class TrainingProgress:
         self._update()
         self.bar.set_description_str("[train]", refresh=False)  # done waiting: the closed bar is the steps alone
         self.bar.close()
-        self.reader.shutdown(wait=False)
 
     def _follow(self) -> None:
         while not self.stop.wait(self.poll_s):
@@ -497,10 +498,10 @@ class TrainingProgress:
     def _update(self) -> None:
         why = unreachable(self.tracking_uri, timeout_s=5)
         if why is None:
-            if self.reading is None or self.reading.done():
-                self.reading = self.reader.submit(self._read_run)
+            if self.reading is None or self.reading.done() or time.monotonic() - self.reading_since > self.answer_s:
+                self.reading, self.reading_since = self._read_in_background(), time.monotonic()
             try:
-                self.reading.result(timeout=self.answer_s)
+                self._show(*self.reading.result(timeout=self.answer_s))
             except concurrent.futures.TimeoutError:
                 why = f"no answer in {self.answer_s:.0f} s"
             except Exception as e:  # noqa: BLE001 - the tracking server is down: training does not need it
@@ -516,9 +517,21 @@ class TrainingProgress:
             self.unreachable_since = None
             self.bar.set_description_str("[train]", refresh=False)
 
-    def _read_run(self) -> None:
-        metrics = self.client.get_run(self.run_id).data.metrics
-        for restart in self.client.get_metric_history(self.run_id, "resumed_at_step"):
+    def _read_in_background(self) -> concurrent.futures.Future:
+        reading = concurrent.futures.Future()
+
+        def read() -> None:
+            try:
+                reading.set_result((self.client.get_run(self.run_id).data.metrics,
+                                    self.client.get_metric_history(self.run_id, "resumed_at_step")))
+            except Exception as e:  # noqa: BLE001 - handed to the waiting _update
+                reading.set_exception(e)
+
+        threading.Thread(target=read, daemon=True).start()
+        return reading
+
+    def _show(self, metrics: dict[str, float], restarts: list) -> None:
+        for restart in restarts:
             if restart.timestamp >= self.since_ms:
                 self.bar.write(f"[train] resumed from the checkpoint at step {restart.step}")
                 self.since_ms = restart.timestamp + 1

@@ -127,6 +127,29 @@ def test_training_outlives_the_tracking_server_and_its_database(stack):
     assert_finished_once(stack, name, steps)
 
 
+def test_once_the_server_is_back_the_bar_says_so_without_waiting_out_a_read_in_mlflows_retries(stack, capsys,
+                                                                                                 monkeypatch):
+    """A read of the bar's that went out while the server was away sleeps in MLflow's retries for minutes; once the
+    server answers its health check, the bar reads afresh instead of waiting for that one (CI once saw a training
+    run end while its bar still said MLflow was unreachable)."""
+    from pipeline.train import TrainingProgress
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "120")  # after two tries at once, 120 s of sleep
+    client = stack.admin()
+    run_id = client.create_run(client.create_experiment("bar")).info.run_id
+    with TrainingProgress(stack.server.url, run_id, steps=4, tokens_per_step=10, finishing="", poll_s=3600) as bar:
+        stack.server.stop()
+        bar.reading, bar.reading_since = bar._read_in_background(), time.monotonic()
+        time.sleep(2)  # the read is now asleep in the retries
+        bar._update()
+        assert bar.unreachable_since is not None
+        stack.server.start()
+        bar._update()  # waiting for the old read would take answer_s (10 s) and find it still asleep
+        assert bar.unreachable_since is None
+    said = "".join(capsys.readouterr())
+    assert "MLflow does not answer" in said and "MLflow answers again" in said, said
+
+
 def test_an_outage_longer_than_mlflows_retries_loses_no_metric(stack, monkeypatch):
     """What a training worker logs through (tracking.BackgroundLogger), with MLflow's retries cut to nothing so
     that a short outage here is as long as a 5-minute one: the metrics of the gap are kept and sent later."""
