@@ -64,6 +64,14 @@ def stack(tmp_path_factory, gcs):
         os.environ.pop(key, None)
 
 
+@pytest.fixture(autouse=True)
+def server_back_after_each_test(stack):
+    """A test that fails while the server is stopped leaves it running, so the next test fails only for itself."""
+    yield
+    if not stack.server.running:
+        stack.server.start()
+
+
 def training_run(client, name: str):
     experiment = client.get_experiment_by_name("gss")
     runs = client.search_runs([experiment.experiment_id], f"tags.`gss.train_name` = '{name}'")

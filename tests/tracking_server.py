@@ -106,6 +106,10 @@ class LocalMlflowServer:
                                          + (self.folder / "server.log").read_text()[-3000:]) from None
                 time.sleep(0.3)
 
+    @property
+    def running(self) -> bool:
+        return self._process is not None
+
     def stop(self) -> None:
         """Kill the server and its workers at once, as a lost pod would go."""
         import signal
