@@ -488,8 +488,9 @@ class TrainingProgress:
         self.stop.set()
         self.thread.join()
         self._update()
-        self.bar.set_description_str("[train]", refresh=False)  # done waiting: the closed bar is the steps alone
-        self.bar.close()
+        if self.unreachable_since is None:  # done waiting: the closed bar is the steps alone
+            self.bar.set_description_str("[train]", refresh=False)
+        self.bar.close()  # else it keeps saying why its steps stopped short (training can end inside an outage)
 
     def _follow(self) -> None:
         while not self.stop.wait(self.poll_s):

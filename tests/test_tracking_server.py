@@ -120,7 +120,9 @@ def test_wrong_credentials_are_one_clear_line_before_any_work(stack):
 
 def test_training_outlives_the_tracking_server_and_its_database(stack):
     """The server killed at step 10 and back 40 s later (MLflow's own retries bridge that), then PostgreSQL
-    restarted under it: the run finishes once, with every metric."""
+    restarted under it: the run finishes once, with every metric. What the bar says of the outage is the next
+    test's: the workers buffer their metrics and do not slow down, so on a fast machine training ends inside the
+    outage and the bar closes before the server is back (CI saw that)."""
     name, steps = "outage", 40
     job = stack.gss("train", stack.config(name, steps=steps))
     wait_for(job, reached_step(stack, name, 10), "step 10 in MLflow")
@@ -131,7 +133,6 @@ def test_training_outlives_the_tracking_server_and_its_database(stack):
     stack.postgres.restart(down_s=3)
     output, _ = job.communicate(timeout=600)
     assert job.returncode == 0, output[-3000:]
-    assert "MLflow does not answer" in output and "MLflow answers again" in output, output[-3000:]
     assert_finished_once(stack, name, steps)
 
 

@@ -153,3 +153,15 @@ def test_after_the_last_step_the_bar_says_what_training_waits_for(tmp_path):
             descriptions.append((progress.bar.n, progress.bar.desc))
     assert descriptions == [(2, "[train]"), (4, "[train] scoring the final checkpoint")]
     assert progress.bar.desc == "[train]"  # closed: the bar is the steps alone
+
+
+def test_a_bar_closed_while_mlflow_is_away_says_so_beside_its_steps():
+    """Workers buffer their metrics through an outage, so training can end inside one: the bar then stops short
+    of its steps, and says why."""
+    from pipeline.train import TrainingProgress
+
+    with TrainingProgress("http://127.0.0.1:9", "no-run", steps=4, tokens_per_step=10, finishing="",
+                          poll_s=3600) as progress:
+        pass
+    assert progress.bar.n == 0
+    assert progress.bar.desc.startswith("[train] MLflow unreachable since ")
