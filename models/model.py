@@ -1,19 +1,24 @@
 """GSS, DSS, Transformer and GSS-Hybrid language models.
 
-Every block has the same two entry points:
-  forward(x, state=None, position=0) -> (x, state)   parallel over a piece of L tokens. Without a state
-                                                      it is the training pass; with one it continues
-                                                      from it (prompt prefill, long-context evaluation
-                                                      in pieces) and returns the state after the piece.
-  step(x, state, position) -> (x, state)             one token, for recurrent decoding.
-`position` is the absolute index of the first token, which attention needs for RoPE and chunk edges.
+Every block has the same entry points:
+  forward(x, state=None, position=0, pad=None) -> (x, state)
+      parallel over a piece of L tokens. Without a state it is the training pass; with one it continues from it
+      (prompt prefill, long-context evaluation in pieces) and returns the state after the piece.
+  static_state(state, position, capacity) -> buffers
+      the state after a prefill, moved into buffers that recurrent decoding updates in place.
+  step(x, buffers, position, pad, constants) -> x
+      one token, for recurrent decoding: the buffers are updated in place, nothing is allocated that lives on,
+      and `position` is a tensor, so one compiled (or CUDA-graph captured) step serves every token.
+`position` is the absolute index of the first token in the batch. `pad` [B] (optional) is each row's left
+padding: row b's prompt starts at position pad[b], and the model sees that row as if it started there (the
+SSM's input is zeroed before it, attention never looks before it, RoPE and chunks count from it).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -22,6 +27,12 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .ssm import DiagonalSSM, StepConstants
+
+
+def relative_positions(position: int | Tensor, length: int, pad: Tensor | None, device: torch.device) -> Tensor:
+    """Each token's position counted from its row's start: [L] without padding, else [B, L] (negative on padding)."""
+    positions = torch.arange(length, device=device) + position
+    return positions if pad is None else positions - pad[:, None]
 
 
 class SSMBlock(nn.Module):
@@ -33,12 +44,19 @@ class SSMBlock(nn.Module):
     def mix(self, x: Tensor, run_ssm: Callable[[Tensor], tuple[Tensor, Any]]) -> tuple[Tensor, Any]:
         raise NotImplementedError
 
-    def forward(self, x: Tensor, state: Tensor | None = None, position: int = 0) -> tuple[Tensor, Any]:
-        return self.mix(x, lambda u: self.ssm(u, state))
+    def forward(self, x: Tensor, state: Tensor | None = None, position: int = 0, pad: Tensor | None = None
+                ) -> tuple[Tensor, Any]:
+        if pad is None:
+            return self.mix(x, lambda u: self.ssm(u, state))
+        started = relative_positions(position, x.shape[1], pad, x.device)[..., None] >= 0
+        # zeroed, not multiplied: a padded position's u may be anything, and the state must stay exactly zero
+        return self.mix(x, lambda u: self.ssm(torch.where(started, u, 0), state))
 
-    def step(self, x: Tensor, state: Tensor, position: int, constants: StepConstants | None = None
-             ) -> tuple[Tensor, Any]:
-        return self.mix(x, lambda u: self.ssm.step(u, state, constants))
+    def static_state(self, state: Tensor, position: int, capacity: int) -> Tensor:
+        return state.clone()  # the decode's own buffer: the prefill's state stays as it was
+
+    def step(self, x: Tensor, state: Tensor, position: Tensor, pad: Tensor, constants: StepConstants) -> Tensor:
+        return self.mix(x, lambda u: (self.ssm.step(u, state, constants), state))[0]
 
     def step_constants(self) -> StepConstants:
         return self.ssm.step_constants()
@@ -105,10 +123,12 @@ class DSSBlock(SSMBlock):
 
 
 def rotary(x: Tensor, positions: Tensor, base: float) -> Tensor:
-    """RoPE on x [B, heads, L, d] at integer positions [L] (rotate-half form)."""
+    """RoPE on x [B, heads, L, d] at integer positions [L], or [B, L] per row (rotate-half form)."""
     half = x.shape[-1] // 2
     inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angle = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    angle = positions.to(torch.float32)[..., None] * inv_freq
+    if angle.dim() == 3:
+        angle = angle[:, None]  # [B, 1, L, half]: the same angles for every head
     cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
@@ -135,52 +155,81 @@ class AttentionBlock(nn.Module):
     def _rope_positions(self, positions: Tensor) -> Tensor:
         return positions if self.chunk is None else positions % self.chunk
 
-    def forward(self, x: Tensor, state: tuple[Tensor, Tensor] | None = None, position: int = 0):
+    def forward(self, x: Tensor, state: tuple[Tensor, Tensor] | None = None, position: int = 0,
+                pad: Tensor | None = None):  # fmt: skip
         batch, length, width = x.shape
         q, k, v = self.qkv(self.norm(x)).view(batch, length, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
-        positions = torch.arange(position, position + length, device=x.device)
-        q = rotary(q, self._rope_positions(positions), self.rope_base)
-        k = rotary(k, self._rope_positions(positions), self.rope_base)
+        positions = self._rope_positions(relative_positions(position, length, pad, x.device))
+        q, k = rotary(q, positions, self.rope_base), rotary(k, positions, self.rope_base)
         if state is None:
-            y = self._attend_fresh(q, k, v, position)
+            y = self._attend_fresh(q, k, v, position, pad)
         else:
-            y, state = self._attend_cached(q, k, v, state, position)
+            y, state = self._attend_cached(q, k, v, state, position, pad)
         y = y.transpose(1, 2).reshape(batch, length, width)
         return self.mlp(x + self.out(y)), state
 
-    def _attend_fresh(self, q: Tensor, k: Tensor, v: Tensor, position: int) -> Tensor:
+    def _attend_fresh(self, q: Tensor, k: Tensor, v: Tensor, position: int, pad: Tensor | None) -> Tensor:
         """Training pass from position 0: causal attention, per chunk for local attention."""
-        if position != 0:
-            raise ValueError("a stateless attention pass starts at position 0; pass a state to continue")
+        if position != 0 or pad is not None:
+            raise ValueError("a stateless attention pass starts at position 0, unpadded; pass a state to continue")
         length = q.shape[2]
         chunk = self.chunk or length
         if length <= chunk:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         # Pad the end to whole chunks (causal, so padding never reaches real tokens), fold the
         # chunks into the batch, attend inside each, and unfold.
-        pad = -length % chunk
+        pad_end = -length % chunk
         b, h, _, d = q.shape
-        folded = [F.pad(t, (0, 0, 0, pad)).reshape(b, h, -1, chunk, d).transpose(1, 2).reshape(-1, h, chunk, d)
+        folded = [F.pad(t, (0, 0, 0, pad_end)).reshape(b, h, -1, chunk, d).transpose(1, 2).reshape(-1, h, chunk, d)
                   for t in (q, k, v)]  # fmt: skip
         y = F.scaled_dot_product_attention(*folded, is_causal=True)
         return y.reshape(b, -1, h, chunk, d).transpose(1, 2).reshape(b, h, -1, d)[:, :, :length]
 
-    def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor, cache: tuple[Tensor, Tensor], position: int):
+    def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor, cache: tuple[Tensor, Tensor], position: int,
+                       pad: Tensor | None):  # fmt: skip
         """Continue after `cache`: keys are the cached ones followed by this piece's."""
         k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
         end = position + q.shape[2]
-        query_pos = torch.arange(position, end, device=q.device)[:, None]
-        key_pos = torch.arange(end - k.shape[2], end, device=q.device)[None, :]
-        mask = key_pos <= query_pos
+        query = relative_positions(position, q.shape[2], pad, q.device)[..., :, None]
+        key = relative_positions(end - k.shape[2], k.shape[2], pad, q.device)[..., None, :]
+        mask = (key <= query) & (key >= 0)
         if self.chunk is not None:
-            mask &= key_pos // self.chunk == query_pos // self.chunk
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        keep = k.shape[2] if self.chunk is None else end % self.chunk  # the tokens of the open chunk
+            mask &= key // self.chunk == query // self.chunk
+        mask |= key == query  # a padded query sees itself: no row of the mask is empty (softmax would give NaN)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if pad is None else mask[:, None])
+        # local attention keeps the last chunk - 1 tokens: the open chunk of every row, wherever its prompt began
+        keep = k.shape[2] if self.chunk is None else min(k.shape[2], self.chunk - 1)
         return y, (k[:, :, k.shape[2] - keep :], v[:, :, v.shape[2] - keep :])
 
-    def step(self, x: Tensor, state: tuple[Tensor, Tensor], position: int, constants: None = None):
-        y, state = self.forward(x[:, None], state, position)
-        return y[:, 0], state
+    def static_state(self, cache: tuple[Tensor, Tensor], position: int, capacity: int) -> tuple[Tensor, Tensor]:
+        """The cache as fixed buffers of `slots` tokens: a ring of one chunk for local attention, else `capacity`
+        slots (every position the decode will reach). The token at position p lives in slot p % slots."""
+        batch, heads, cached, head_dim = cache[0].shape
+        slots = self.chunk or capacity
+        if position > slots and self.chunk is None:
+            raise ValueError(f"capacity={capacity}: the decode already holds {position} tokens")
+        index = torch.arange(position - cached, position, device=cache[0].device) % slots
+        return tuple(c.new_zeros(batch, heads, slots, head_dim).index_copy_(2, index, c) for c in cache)
+
+    def step(self, x: Tensor, cache: tuple[Tensor, Tensor], position: Tensor, pad: Tensor, constants: None = None
+             ) -> Tensor:  # fmt: skip
+        """One token per row: its key and value go into slot position % slots, and it attends to the slots
+        holding tokens of its own row (and chunk) at most as old as itself."""
+        batch, width = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(batch, 3, self.n_heads, 1, -1).unbind(1)
+        relative = position - pad  # [B]
+        rope = self._rope_positions(relative)[:, None]
+        q, k = rotary(q, rope, self.rope_base), rotary(k, rope, self.rope_base)
+        keys, values = cache
+        slots = keys.shape[2]
+        slot = (position % slots).view(1)
+        keys.index_copy_(2, slot, k)
+        values.index_copy_(2, slot, v)
+        age = (position - torch.arange(slots, device=x.device)) % slots  # tokens back from this one, per slot
+        reach = relative if self.chunk is None else relative % self.chunk  # [B]: how far back this row may look
+        mask = age <= reach[:, None]  # [B, slots]
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None, None, :])
+        return self.mlp(x + self.out(y.reshape(batch, width)))
 
     def step_constants(self) -> None:
         return None  # nothing to precompute: the cache is the state
@@ -193,13 +242,37 @@ class AttentionBlock(nn.Module):
 
 @dataclass
 class DecodeState:
-    """Where a recurrent pass stands: the next token's position and each layer's state; and, from the first
-    step on, each layer's step constants (`step_constants`), so a decode computes them once. A DecodeState
-    belongs to the weights it started with."""
+    """Where a parallel pass over pieces stands (`prefill`): the next token's position, each layer's state, the
+    batch size and each row's left padding ([B], or None without padding). An attention cache grows with it."""
 
     position: int
     layers: list[Any]
-    constants: list[Any] | None = None
+    batch_size: int
+    pad: Tensor | None = None
+
+
+@dataclass
+class StepState:
+    """Recurrent decoding's state, in buffers allocated once per decode and updated in place by
+    `LanguageModel.step`: every tensor keeps its storage from the first token to the last.
+
+    position: the next token's position, a 0-d long tensor (a compiled step sees the same graph at every token);
+    pad: each row's left padding [B]; layers: each block's buffers (an SSM's state [2, B, H, N] in float32, an
+    attention block's key and value slots [B, heads, slots, d]); constants: each block's step constants, made
+    once for the decode. It belongs to the weights it started with.
+    """
+
+    position: Tensor
+    pad: Tensor
+    layers: list[Any]
+    constants: list[Any]
+
+    def tensors(self) -> list[Tensor]:
+        """Every buffer a step writes, for snapshots and graph capture."""
+        flat = [self.position]
+        for layer in self.layers:
+            flat.extend(layer if isinstance(layer, tuple) else (layer,))
+        return flat
 
 
 class LanguageModel(nn.Module):
@@ -245,45 +318,61 @@ class LanguageModel(nn.Module):
         logits = self.head(self.norm(x))
         return logits, (None if targets is None else next_token_loss(logits, targets))
 
-    def init_state(self, batch_size: int) -> DecodeState:
-        return DecodeState(0, [block.init_state(batch_size) for block in self.blocks])
+    def init_state(self, batch_size: int, pad: Tensor | None = None) -> DecodeState:
+        """The state before the first token; `pad` [B]: each row's left padding (see the module's docstring)."""
+        if pad is not None and pad.shape != (batch_size,):
+            raise ValueError(f"pad has shape {tuple(pad.shape)}: give one left-padding length per row ({batch_size})")
+        return DecodeState(0, [block.init_state(batch_size) for block in self.blocks], batch_size, pad)
 
     def prefill(self, input_ids: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:
         """Parallel pass over a piece that continues from `state`: (logits [B, L, vocab], new state)."""
         x = self.embed(input_ids)
         layers = []
         for block, layer_state in zip(self.blocks, state.layers):
-            x, layer_state = block(x, layer_state, state.position)
+            x, layer_state = block(x, layer_state, state.position, state.pad)
             layers.append(layer_state)
-        return self.head(self.norm(x)), DecodeState(state.position + input_ids.shape[1], layers, state.constants)
+        return self.head(self.norm(x)), replace(state, position=state.position + input_ids.shape[1], layers=layers)
 
-    def step(self, token_ids: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:
-        """One token per sequence: token_ids [B] -> (logits [B, vocab], new state)."""
-        constants = state.constants if state.constants is not None else [b.step_constants() for b in self.blocks]
+    def start_decoding(self, state: DecodeState, capacity: int) -> StepState:
+        """Move a prefill's state into the buffers `step` updates in place. capacity: the most tokens the decode
+        will hold, prompt included (a Transformer's key and value slots; other blocks need no more than they have).
+        """
+        position = torch.tensor(state.position, device=self.embed.weight.device)
+        pad = state.pad if state.pad is not None else position.new_zeros(state.batch_size)
+        layers = [block.static_state(layer, state.position, capacity) for block, layer in zip(self.blocks, state.layers)]
+        return StepState(position, pad, layers, [block.step_constants() for block in self.blocks])
+
+    def with_capacity(self, state: StepState, capacity: int) -> StepState:
+        """`state` with room for `capacity` tokens: full attention's key and value slots copied into larger ones;
+        every other buffer is kept as it is."""
+        position = int(state.position)
+        layers = [block.static_state(tuple(t[:, :, :position] for t in layer), position, capacity)
+                  if isinstance(block, AttentionBlock) and block.chunk is None else layer
+                  for block, layer in zip(self.blocks, state.layers)]  # fmt: skip
+        return replace(state, layers=layers)
+
+    def step(self, token_ids: Tensor, state: StepState) -> Tensor:
+        """One token per sequence: token_ids [B] -> logits [B, vocab]; `state` moves on by one token, in place."""
         x = self.embed(token_ids)
-        layers = []
-        for block, layer_state, layer_constants in zip(self.blocks, state.layers, constants):
-            x, layer_state = block.step(x, layer_state, state.position, layer_constants)
-            layers.append(layer_state)
-        return self.head(self.norm(x)), DecodeState(state.position + 1, layers, constants)
+        for block, layer_state, layer_constants in zip(self.blocks, state.layers, state.constants):
+            x = block.step(x, layer_state, state.position, state.pad, layer_constants)
+        state.position.add_(1)
+        return self.head(self.norm(x))
 
-    @torch.no_grad()
-    def stream(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None
-               ) -> Iterator[Tensor]:
+    def stream(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+               attention_mask: Tensor | None = None, fast: bool = True) -> Iterator[Tensor]:
         """Read the prompt in parallel, then decode recurrently, yielding each new token [B] as soon as it is
-        drawn. temperature=0 is greedy decoding."""
-        logits, state = self.prefill(input_ids, self.init_state(input_ids.shape[0]))
-        logits = logits[:, -1]
-        for i in range(max_new_tokens):
-            next_token = sample(logits, temperature, top_k)
-            yield next_token
-            if i + 1 < max_new_tokens:
-                logits, state = self.step(next_token, state)
+        drawn. temperature=0 is greedy decoding. attention_mask [B, L]: 0 on each row's left padding, 1 on its
+        prompt (prompts of different lengths in one batch). fast=False runs the eager step (the reference)."""
+        from .decoding import stream
 
-    def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None
-                 ) -> Tensor:
+        return stream(self, input_ids, max_new_tokens, temperature, top_k, attention_mask, fast)
+
+    def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 attention_mask: Tensor | None = None, fast: bool = True) -> Tensor:
         """`stream`, collected after the prompt: [B, prompt + max_new_tokens]."""
-        new = [token[:, None] for token in self.stream(input_ids, max_new_tokens, temperature, top_k)]
+        new = [token[:, None] for token in
+               self.stream(input_ids, max_new_tokens, temperature, top_k, attention_mask, fast)]  # fmt: skip
         return torch.cat([input_ids, *new], dim=1)
 
 
@@ -298,14 +387,16 @@ def next_token_loss(logits: Tensor, targets: Tensor, reduction: Literal["mean", 
 
 
 def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None) -> Tensor:
-    """Draw one token per row from logits [B, vocab]."""
+    """Draw one token per row from logits [B, vocab], without waiting on the device: an exponential race
+    (argmax of p / Exp(1), which picks i with probability p_i) instead of torch.multinomial, which syncs."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1)[:, 0]
+    probs = torch.softmax(logits, dim=-1)
+    return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
 
 
 def build_model(cfg: ModelConfig) -> LanguageModel:

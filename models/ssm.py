@@ -312,9 +312,11 @@ class DiagonalSSM(nn.Module):
             W, Lambda = self.modes()
             return W, complex_powers(Lambda, torch.ones(1, device=self.D.device)), self.D.to(self.compute_dtype)
 
-    def step(self, u: Tensor, state: SSMState, constants: StepConstants | None = None) -> tuple[Tensor, SSMState]:
-        """One token: u [B, H] -> y [B, H]; O(H N) time and memory whatever the context length."""
+    def step(self, u: Tensor, state: SSMState, constants: StepConstants | None = None) -> Tensor:
+        """One token: u [B, H] -> y [B, H], and `state` moves on by that token, in place; O(H N) time and memory
+        whatever the context length."""
         with torch.autocast(device_type=u.device.type, enabled=False):
             W, lam, D = constants if constants is not None else self.step_constants()
-            y, state = scan_step(u.to(self.compute_dtype), W, lam, D, state)
-            return y.to(u.dtype), state
+            y, new_state = scan_step(u.to(self.compute_dtype), W, lam, D, state)
+            state.copy_(new_state)
+            return y.to(u.dtype)

@@ -47,19 +47,17 @@ def test_step_matches_parallel_forward(arch, kernel):
     model = build_model(tiny_config(arch, ssm_kernel=kernel)).double().eval()
     ids = torch.randint(0, 97, (3, LENGTH))
     parallel, _ = model(ids)
-    state, stepped = model.init_state(3), []
-    for t in range(LENGTH):
-        logits, state = model.step(ids[:, t], state)
-        stepped.append(logits)
+    state = model.start_decoding(model.init_state(3), capacity=LENGTH)
+    stepped = [model.step(ids[:, t], state) for t in range(LENGTH)]
     torch.testing.assert_close(torch.stack(stepped, 1), parallel)
     # a prompt read in parallel pieces hands the same state to recurrent decoding
     state = model.init_state(3)
     first, state = model.prefill(ids[:, :5], state)
     second, state = model.prefill(ids[:, 5:19], state)
     torch.testing.assert_close(torch.cat([first, second], 1), parallel[:, :19])
+    decoding = model.start_decoding(state, capacity=LENGTH)
     for t in (19, 20):
-        logits, state = model.step(ids[:, t], state)
-        torch.testing.assert_close(logits, parallel[:, t])
+        torch.testing.assert_close(model.step(ids[:, t], decoding), parallel[:, t])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -105,15 +103,16 @@ def test_kernels_give_the_same_model(arch):
 
 
 def test_hybrid_cache_is_bounded_by_its_chunk():
+    """A prefill keeps at most chunk - 1 keys per local-attention layer; decoding keeps a ring of one chunk."""
     cfg = tiny_config("hybrid")
     model = build_model(cfg).eval()
-    state = model.init_state(1)
-    _, state = model.prefill(torch.randint(0, 97, (1, 30)), state)
-    for _ in range(20):
-        _, state = model.step(torch.randint(0, 97, (1,)), state)
-        for kind, layer in zip(cfg.layer_kinds(), state.layers):
-            if kind == "local_attention":
-                assert layer[0].shape[2] == state.position % cfg.attn_chunk < cfg.attn_chunk
+    _, state = model.prefill(torch.randint(0, 97, (1, 30)), model.init_state(1))
+    local = [layer for kind, layer in zip(cfg.layer_kinds(), state.layers) if kind == "local_attention"]
+    assert local and all(keys.shape[2] == cfg.attn_chunk - 1 for keys, _ in local)
+    decoding = model.start_decoding(state, capacity=10_000)
+    for kind, layer in zip(cfg.layer_kinds(), decoding.layers):
+        if kind == "local_attention":
+            assert layer[0].shape[2] == cfg.attn_chunk
 
 
 def periodic_rows(generator: torch.Generator, rows: int, length: int, period: int = 3, alphabet: int = 4) -> Tensor:
