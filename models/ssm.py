@@ -44,7 +44,8 @@ Complex = tuple[Tensor, Tensor]
 # of shape [2, B, H, N]: index 0 holds the real parts, index 1 the imaginary parts.
 SSMState = Tensor
 
-# What every decoding step of a DiagonalSSM reuses: (W, exp(Lambda), D).
+# What every decoding step of a DiagonalSSM reuses: (W lam, lam, D + Re(sum_n W)) with lam = exp(Lambda); see
+# `scan_step_`.
 StepConstants = tuple[Complex, Complex, Tensor]
 
 
@@ -105,6 +106,20 @@ def scan_step(u: Tensor, W: Complex, lam: Complex, D: Tensor, state: SSMState) -
     x_re = x_re + u[..., None]
     y = (W[0] * x_re - W[1] * x_im).sum(-1) + D * u  # Re(sum_n W x)
     return y, torch.stack([x_re, x_im])
+
+
+def scan_step_(u: Tensor, constants: StepConstants, state: SSMState) -> Tensor:
+    """`scan_step` with the state updated in place, in one pass over it: y is read off the state before the update,
+
+        y_t = Re(sum_n W (lam x_{t-1} + u_t)) + D u_t = Re(sum_n (W lam) x_{t-1}) + (Re(sum_n W) + D) u_t,
+
+    so the new state is written once and never read back (a compiler fuses the read, the sum and the write)."""
+    w_lam, lam, skip = constants
+    x_re, x_im = state[0], state[1]
+    y = (w_lam[0] * x_re - w_lam[1] * x_im).sum(-1) + skip * u
+    new = torch.stack([lam[0] * x_re - lam[1] * x_im + u[..., None], lam[0] * x_im + lam[1] * x_re])
+    state.copy_(new)
+    return y
 
 
 def scan_ref(
@@ -307,16 +322,16 @@ class DiagonalSSM(nn.Module):
             return y.to(u.dtype), (new_state if state is not None else None)
 
     def step_constants(self) -> StepConstants:
-        """(W, exp(Lambda), D) in compute_dtype: the same for every token of a decode, so computed once for it."""
+        """(W lam, lam, D + Re(sum_n W)) in compute_dtype, lam = exp(Lambda) [1, N]: the same for every token of a
+        decode, so computed once for it."""
         with torch.autocast(device_type=self.D.device.type, enabled=False):
             W, Lambda = self.modes()
-            return W, complex_powers(Lambda, torch.ones(1, device=self.D.device)), self.D.to(self.compute_dtype)
+            lam = complex_powers(Lambda, torch.ones(1, device=self.D.device))
+            return complex_mul(W, lam), lam, self.D.to(self.compute_dtype) + W[0].sum(-1)
 
     def step(self, u: Tensor, state: SSMState, constants: StepConstants | None = None) -> Tensor:
         """One token: u [B, H] -> y [B, H], and `state` moves on by that token, in place; O(H N) time and memory
         whatever the context length."""
         with torch.autocast(device_type=u.device.type, enabled=False):
-            W, lam, D = constants if constants is not None else self.step_constants()
-            y, new_state = scan_step(u.to(self.compute_dtype), W, lam, D, state)
-            state.copy_(new_state)
+            y = scan_step_(u.to(self.compute_dtype), constants or self.step_constants(), state)
             return y.to(u.dtype)
