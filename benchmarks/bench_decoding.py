@@ -1,8 +1,8 @@
 """Per-token cost of recurrent decoding vs recomputing the whole forward pass, by context length.
 
 For each context T: prefill T random tokens into a recurrent state (timed once), then time
-  * recurrent: model.step on one token from that state (O(1) in T), within a decode (the SSMs' step
-    constants already made by the first step), and
+  * recurrent: the eager model.step on one token from that state (O(1) in T), within a decode (the SSMs' step
+    constants already made by `start_decoding`; the compiled step: bench_generate), and
   * recompute: the parallel forward over all T + 1 tokens, with the output head applied to the last
     position only (what decoding without a state costs per new token, at its cheapest),
 in eval mode under torch.no_grad. Prints ms/token for both, their ratio, tokens/s of the recurrent
@@ -48,14 +48,19 @@ def main() -> None:
         with common.autocast(args, device):
             common.sync(device)
             start = time.perf_counter()
-            _, state = model.prefill(ids[:, :context], model.init_state(args.batch))
+            _, prefilled = model.prefill(ids[:, :context], model.init_state(args.batch))
+            state = model.start_decoding(prefilled, capacity=context + 1)  # also makes the SSMs' step constants
             common.sync(device)
             prefill_s = time.perf_counter() - start
-            step_logits, decoding = model.step(ids[:, context], state)  # the first step also makes the constants
+            position = state.position.clone()
+            step_logits = model.step(ids[:, context], state)
             full_logits = last_logits(model, ids)
-            # a step within a decode: from a state that carries the SSMs' step constants, as every step but the first
-            step = common.measure(lambda: model.step(ids[:, context], decoding), device, args.warmup,
-                                  args.step_reps, args.budget_s)  # fmt: skip
+
+            def one_step():  # the same token at the same position each time (the position goes back after it)
+                model.step(ids[:, context], state)
+                state.position.copy_(position)
+
+            step = common.measure(one_step, device, args.warmup, args.step_reps, args.budget_s)
             full = common.measure(lambda: last_logits(model, ids), device, args.warmup, args.reps, args.budget_s)
         tokens_per_s = args.batch / step.median_s
         flops = common.flops_per_token(model, context, args.batch, "decode")

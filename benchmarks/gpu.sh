@@ -7,6 +7,9 @@
 #                     tokens/s and MFU (model FLOPs: BENCHMARKS.md, "Model FLOPs per token")
 #   ssm_kernels.json  the SSM layer's fwd+bwd, fft against chunked (128, 256), L = 4k..64k
 #   decoding.json     recurrent decoding ms/token of paper-gss at 1k..64k context, against recomputing
+#   generate.json     paper-gss `generate` at batch 1 and 64: eager against the fast step (compiled, CUDA graph),
+#                     fp32 and bf16 weights; greedy tokens fast = eager in fp32, bf16 logits against fp32's
+#                     (targets: <= 0.5 ms/token at batch 1, >= 64k tokens/s at batch 64)
 #   fsdp.json         a 2-step FSDP2 run of paper-gss through the worker's code, a sharded checkpoint, a restore
 #
 # PYTHON picks the interpreter (default: .venv/bin/python if there, else python3); PEAK_TFLOPS the dense bf16
@@ -34,5 +37,7 @@ bench() { echo "== $*"; "$PYTHON" -m "$@"; }
     --chunks 128,256 --reps 10 --out "$out/ssm_kernels.json"
   bench benchmarks.bench_decoding --device cuda --dtype bf16 --preset paper-gss --contexts 1k,4k,16k,64k \
     --step-reps 100 --peak-tflops "$peak" --out "$out/decoding.json"
+  bench benchmarks.bench_generate --device cuda --presets paper-gss --batches 1,64 --steps 64 --reps 3 \
+    --before "" --out "$out/generate.json"
   bench benchmarks.bench_fsdp --device cuda --dtype bf16 --preset paper-gss --steps 2 --out "$out/fsdp.json"
 } 2>&1 | tee "$out/gpu.log"

@@ -123,7 +123,8 @@ def _write(folder: str, loaded, tokenizer: bytes, facts: dict[str, Any], samplin
         f.write(tokenizer)
     _json(folder, "tokenizer_config.json", {
         "tokenizer_class": "GSSTokenizer", "auto_map": {"AutoTokenizer": ["tokenization_gss.GSSTokenizer", None]},
-        "bos_token": EOD_PIECE, "eos_token": EOD_PIECE, "pad_token": EOD_PIECE, "unk_token": "<unk>"})
+        "bos_token": EOD_PIECE, "eos_token": EOD_PIECE, "pad_token": EOD_PIECE, "unk_token": "<unk>",
+        "padding_side": "left"})  # a causal model's batch of prompts must end together: pad on the left
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write(model_card(facts))
 
@@ -189,7 +190,8 @@ def model_card(facts: dict[str, Any]) -> str:
               'tokenizer = AutoTokenizer.from_pretrained("OUT_DIR", trust_remote_code=True)',
               'ids = tokenizer("The river", return_tensors="pt").input_ids  # </s> first: a document starts after it',
               "print(tokenizer.decode(model.generate(ids, max_new_tokens=50)[0]))", "```", "",
-              "`generate` decodes recurrently (one step per token, the state carried), as `gss generate` does; "
+              "`generate` decodes recurrently (one compiled step per token, the state carried), as `gss generate` "
+              "does; prompts of different lengths batch, padded on the left (`tokenizer(prompts, padding=True)`); "
               "beam search is not supported. Model config:", "", "```json", json.dumps(facts["model"], indent=2),
               "```", ""]
     return "\n".join(lines)

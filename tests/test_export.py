@@ -147,10 +147,20 @@ for arch in ("gss", "dss", "hybrid", "transformer"):
         for _ in range(20):  # the whole sequence through the parallel pass for each new token
             reference = torch.cat([reference, model(reference).logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(decoded, reference), arch
+    # two prompts of different lengths in one batch, left-padded: each gets the tokens it gets alone
+    short = prompt[:, 7:]
+    batch = torch.cat([prompt, torch.cat([torch.full((1, 7), 3), short], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :7] = 0
+    both = model.generate(batch, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=3)
+    alone = model.generate(short, max_new_tokens=20, do_sample=False)
+    assert torch.equal(both[0], decoded[0]) and torch.equal(both[1, 12:], alone[0, 5:]), arch
 """
 
 
 def test_every_architecture_decodes_recurrently_as_its_parallel_pass_reads(trained, tmp_path):
+    """transformers' greedy `generate` equals the parallel pass token for token, and a left-padded batch gives each
+    prompt its own tokens, for every architecture."""
     overrides, result, _ = trained
     main(["export", result["checkpoint"], str(tmp_path / "hf"), *overrides])
     job = subprocess.run([sys.executable, "-c", EVERY_ARCH_ELSEWHERE, str(tmp_path / "hf"), str(tmp_path)],
