@@ -69,6 +69,22 @@ def test_teacher_forced_fast_steps_equal_the_parallel_forward(arch):
     torch.testing.assert_close(torch.stack(stepped, 1), parallel[:, PROMPT:])
 
 
+def test_a_transformer_decode_grows_its_key_value_slots():
+    """`with_capacity` (what the Hugging Face export's cache does when `generate` runs past the slots it has): the
+    tokens decoded before and after the growth are the parallel pass's."""
+    torch.manual_seed(5)
+    model = build_model(tiny_config("transformer")).double().eval()
+    ids = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        parallel, _ = model(ids)
+        state = prefilled(model, ids[:, :5], capacity=8)
+        stepped = [model.step(ids[:, t], state) for t in range(5, 8)]  # every slot full
+        state = model.with_capacity(state, 20)
+        stepped += [model.step(ids[:, t], state) for t in range(8, 20)]
+    torch.testing.assert_close(torch.stack(stepped, 1), parallel[:, 5:])
+    assert state.layers[0][0].shape[2] == 20
+
+
 def test_sampling_draws_the_same_tokens_fast_or_eager():
     """The draw is outside the compiled graph and never waits on the device; a seed gives one text either way."""
     model = build_model(tiny_config("hybrid")).eval()
