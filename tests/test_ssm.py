@@ -6,7 +6,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import build_model
-from models.ssm import DiagonalSSM, conv_direct, conv_fft, scan_chunked, scan_ref
+from models.ssm import (DiagonalSSM, complex_powers, conv_direct, conv_fft, scan_chunked, scan_ref, scan_step,
+                        scan_step_)
 
 from .seed import TEST_SEED
 from .tiny import tiny_config
@@ -115,6 +116,21 @@ def test_step_and_state_carry_match_parallel():
         pieces.append(y)
     torch.testing.assert_close(torch.cat(pieces, 1), parallel)
     torch.testing.assert_close(piece_state, state)
+
+
+def test_the_in_place_step_is_the_reference_step():
+    """`scan_step_` (y read off the state before the update, the state overwritten) against `scan_step`."""
+    ssm = make_ssm().double()
+    W, Lambda = ssm.modes()
+    lam = complex_powers(Lambda, torch.ones(1, dtype=torch.float64))
+    D = ssm.D.detach()
+    state = torch.randn(2, 3, 6, 12, dtype=torch.float64)
+    u = torch.randn(3, 6, dtype=torch.float64)
+    expected_y, expected_state = scan_step(u, W, lam, D, state)
+    buffer = state.clone()
+    y = scan_step_(u, ssm.step_constants(), buffer)
+    torch.testing.assert_close(y, expected_y)
+    torch.testing.assert_close(buffer, expected_state)
 
 
 def test_fft_runs_in_float32_under_bf16_autocast():
