@@ -339,7 +339,8 @@ class LanguageModel(nn.Module):
         """
         position = torch.tensor(state.position, device=self.embed.weight.device)
         pad = state.pad if state.pad is not None else position.new_zeros(state.batch_size)
-        layers = [block.static_state(layer, state.position, capacity) for block, layer in zip(self.blocks, state.layers)]
+        layers = [block.static_state(layer, state.position, capacity)
+                  for block, layer in zip(self.blocks, state.layers)]  # fmt: skip
         return StepState(position, pad, layers, [block.step_constants() for block in self.blocks])
 
     def with_capacity(self, state: StepState, capacity: int) -> StepState:
