@@ -242,9 +242,14 @@ def load_manifest(url: str) -> dict[str, Any]:
 
 def read_tokenizer(url: str) -> Tokenizer:
     """The dataset's tokenizer (a clear error if the dataset is not complete)."""
+    return Tokenizer(read_tokenizer_file(url))
+
+
+def read_tokenizer_file(url: str) -> bytes:
+    """The dataset's SentencePiece model file, as bytes (a clear error if the dataset is not complete)."""
     load_manifest(url)
     fs, path = filesystem(url)
-    return Tokenizer(fs.cat_file(join(path, TOKENIZER)))
+    return fs.cat_file(join(path, TOKENIZER))
 
 
 def _read_table(url: str, name: str, columns: list[str] | None = None) -> pa.Table:

@@ -10,11 +10,13 @@ import hashlib
 import io
 import os
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import sentencepiece as spm
 
-from pipeline.config import TokenizerConfig
+if TYPE_CHECKING:  # this file travels alone with the registered model (pipeline/registered_model.py)
+    from pipeline.config import TokenizerConfig
 
 # SentencePiece's own ids: <unk>=0, <s>=1, </s>=2; </s> ends every document.
 EOD_PIECE = "</s>"

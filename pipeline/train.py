@@ -41,7 +41,7 @@ from pipeline.config import (
     model_config,
     to_dict,
 )
-from pipeline.dataset import TrainRows, dataset_dir, eval_windows, load_manifest
+from pipeline.dataset import TOKENIZER, TrainRows, dataset_dir, eval_windows, load_manifest, read_tokenizer_file
 from pipeline.lease import hold_lease
 from pipeline.logs import printed_to_log
 from pipeline.storage import (
@@ -55,6 +55,7 @@ from pipeline.storage import (
     write_bytes_atomic,
     write_json_atomic,
 )
+from pipeline.tokenizer import Tokenizer
 from pipeline.tracking import ALIAS, BackgroundLogger, Tag, registered_name, tag_is, unreachable
 
 DIVERGED = "diverged.json"
@@ -392,7 +393,7 @@ def _train_stage(cfg: RunConfig) -> dict[str, Any]:
         )
     final = result.checkpoint
     print(f"[train] registering the final model as {registered_name(cfg)} in MLflow")
-    model_uri = _register_model(client, run.info.run_id, final, model_cfg, registered_name(cfg),
+    model_uri = _register_model(client, run.info.run_id, final, model_cfg, dataset, registered_name(cfg),
                                 {Tag.DATASET: dataset, Tag.TOKENIZER_SHA256: manifest["tokenizer"]["sha256"],
                                  Tag.RUN_NAME: cfg.name})
     final_url = ray_checkpoint_url(final, fs)
@@ -580,23 +581,35 @@ def _find_or_create_run(client, experiment_id: str, cfg: RunConfig, model_cfg: M
     return client.get_run(run.info.run_id)
 
 
-def _register_model(client, run_id: str, final, model_cfg: ModelConfig, name: str, tags: dict[str, str]) -> str:
-    """Log the final model to the run as `pipeline/registered_model.py` describes (weights as tensors, code
-    alongside) and register it, with the alias `current` pointing at the new version."""
+# The served model's sampling params and their defaults: `gss generate`'s (jobs/cli.py). MLflow takes a params schema
+# only from the params of an input example (the inputs' schema comes from predict's type hints).
+SERVING_PARAMS = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 40}
+
+
+def _register_model(client, run_id: str, final, model_cfg: ModelConfig, dataset: str, name: str,
+                    tags: dict[str, str]) -> str:  # fmt: skip
+    """Log the final model to the run as `pipeline/registered_model.py` describes (weights as tensors, the
+    dataset's tokenizer, code alongside) and register it, with the alias `current` pointing at the new version."""
     import mlflow.pyfunc
 
     here = os.path.dirname(os.path.abspath(__file__))
     with final.as_directory() as folder, tempfile.TemporaryDirectory() as tmp:
         weights, config = os.path.join(tmp, "weights.pt"), os.path.join(tmp, "model_config.json")
+        tokenizer, tokenizer_bytes = os.path.join(tmp, TOKENIZER), read_tokenizer_file(dataset)
         torch.save(checkpoint.load(folder)["model"], weights)
         with open(config, "w") as f:
             json.dump(dataclasses.asdict(model_cfg), f)
+        with open(tokenizer, "wb") as f:
+            f.write(tokenizer_bytes)
         with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None), printed_to_log("mlflow"):
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=os.path.join(here, "registered_model.py"),
-                artifacts={"weights": weights, "model_config": config},  # the names registered_model.py reads
-                code_paths=[os.path.join(os.path.dirname(here), "models")], registered_model_name=name,
-                pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", "numpy"])  # signature: predict's hints
+                artifacts={"weights": weights, "model_config": config, "tokenizer": tokenizer},  # as it reads them
+                code_paths=[os.path.join(os.path.dirname(here), "models"), os.path.join(here, "tokenizer.py")],
+                # token ids, so that MLflow's trial predictions on it are a forward pass each, not a decode
+                input_example=([[Tokenizer(tokenizer_bytes).eod_id]], SERVING_PARAMS),
+                registered_model_name=name,
+                pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", "numpy", "sentencepiece"])
             mlflow.log_dict(dataclasses.asdict(model_cfg), "model_config.json")
     version = info.registered_model_version
     for key, value in tags.items():  # what `gss eval` and `gss reeval` need to know about the version

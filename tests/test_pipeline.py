@@ -140,7 +140,7 @@ def test_the_console_shows_the_stages_and_the_libraries_talk_to_the_log_file(tmp
 
 
 LOAD_ELSEWHERE = """
-import importlib.util, sys
+import importlib.util, json, sys
 import numpy as np
 # no way back to this repository: not its editable install, not the working folder
 sys.meta_path = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
@@ -152,12 +152,14 @@ loaded = mlflow.pyfunc.load_model(sys.argv[2])
 ids = np.load(sys.argv[3])
 np.save(sys.argv[4], loaded.unwrap_python_model().model(torch.as_tensor(ids))[0].detach().numpy())
 np.save(sys.argv[5], np.array(loaded.predict(ids.tolist())))
+print(json.dumps(loaded.predict(["The river"], params={"temperature": 0.0, "max_new_tokens": 8})))
 """
 
 
 def test_the_registered_model_loads_where_this_repository_is_not_importable(finished, tmp_path):
     """A fresh Python in another folder, with neither `models` nor `pipeline` importable: the registered model
-    loads, and its logits are the final checkpoint's."""
+    loads, its logits are the final checkpoint's, and it generates the text it does here."""
+    import json
     import subprocess
     import sys
 
@@ -183,3 +185,6 @@ def test_the_registered_model_loads_where_this_repository_is_not_importable(fini
     np.testing.assert_array_equal(np.load(tmp_path / "logits.npy"), expected.numpy())
     np.testing.assert_allclose(np.load(tmp_path / "predicted.npy"),
                                torch.log_softmax(expected[:, -1], -1).numpy(), rtol=1e-6)
+    greedy = {"temperature": 0.0, "max_new_tokens": 8}  # as LOAD_ELSEWHERE generates
+    assert json.loads(job.stdout.splitlines()[-1]) == mlflow.pyfunc.load_model(result["model_uri"]).predict(
+        ["The river"], params=greedy)
