@@ -2,7 +2,8 @@
 (compiled; on CUDA also graph-captured) step, side by side in one run; and the kernels one step runs.
 
 For each preset and batch, with a random prompt of --prompt tokens and greedy decoding, a step's time is
-(time of generate(n + 1) - time of generate(1)) / n: both include the same prefill, so the difference is n steps.
+(time of generate(n + 2) - time of generate(2)) / n: both include the same prefill, buffers and first step (and
+on CUDA the graph capture), so the difference is n steps.
 Columns:
   before      the models/ package of git revision --before (the in-place state did not exist yet), its
               `generate` in float32 (on CUDA under bf16 autocast, as it ran there);
@@ -57,7 +58,7 @@ def models_at(revision: str) -> ModuleType | None:
 
 
 def ms_per_step(generate, device: torch.device, steps: int, reps: int) -> float:
-    """Median over reps of (generate(steps + 1) - generate(1)) / steps, after one untimed call of each."""
+    """Median over reps of (generate(steps + 2) - generate(2)) / steps, after one untimed call."""
 
     def timed(n: int) -> float:
         common.sync(device)
@@ -67,7 +68,7 @@ def ms_per_step(generate, device: torch.device, steps: int, reps: int) -> float:
         return time.perf_counter() - start
 
     timed(2)
-    samples = sorted((timed(steps + 1) - timed(1)) / steps for _ in range(reps))
+    samples = sorted((timed(steps + 2) - timed(2)) / steps for _ in range(reps))
     return samples[len(samples) // 2] * 1e3
 
 

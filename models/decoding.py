@@ -114,6 +114,8 @@ def _decode(model: LanguageModel, input_ids: Tensor, pad: Tensor | None, max_new
     logits, prefilled = model.prefill(input_ids, model.init_state(input_ids.shape[0], pad))
     token = sample(logits[:, -1], temperature, top_k)
     yield token
+    if max_new_tokens == 1:
+        return  # no step to run: nothing to allocate, compile or capture
     state = model.start_decoding(prefilled, capacity=input_ids.shape[1] + max_new_tokens)
     step = decoding_step(model, state, temperature, top_k, fast)
     for _ in range(max_new_tokens - 1):
