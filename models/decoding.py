@@ -2,7 +2,7 @@
 
 `LanguageModel.step` is the eager reference: it updates a `StepState` (buffers allocated once per decode) in place
 and allocates nothing that lives on. The fast path runs the same function:
-  * compiled by Inductor (default mode, whole graph), so the state's complex arithmetic becomes a few fused
+  * compiled by Inductor (default mode, one graph), so the state's complex arithmetic becomes a few fused
     passes instead of dozens of small kernels. The position is a tensor in the state, so one compiled graph
     serves every token.
   * on CUDA, that compiled step and the draw of the next token captured in a CUDA graph once per decode and
@@ -27,8 +27,10 @@ from .ssm import DiagonalSSM
 Step = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 # Compiled once per model shape and dtype; the batch size becomes dynamic at the second one seen (Dynamo's
-# automatic dynamic shapes), and so does a Transformer's cache length.
-compiled_model_step = torch.compile(LanguageModel.step, fullgraph=True)
+# automatic dynamic shapes), and so does a Transformer's cache length. Not fullgraph=True: the step has no graph
+# break (tested), but a process that meets more model shapes than Dynamo's recompile limit (8) should go on
+# eagerly, with Dynamo's warning, not fail.
+compiled_model_step = torch.compile(LanguageModel.step)
 
 
 def decoding_step(model: LanguageModel, state: StepState, temperature: float, top_k: int | None,

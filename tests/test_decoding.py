@@ -85,6 +85,17 @@ def test_a_transformer_decode_grows_its_key_value_slots():
     assert state.layers[0][0].shape[2] == 20
 
 
+def test_past_the_recompile_limit_decoding_goes_on_eagerly():
+    """A process that meets more model shapes than Dynamo compiles (its recompile limit, 1 here, 8 by default: a
+    test suite, a notebook) gets the eager step's tokens, not an error."""
+    prompt = torch.randint(0, 97, (2, PROMPT))
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for arch in ("gss", "transformer"):
+            model = build_model(tiny_config(arch)).eval()
+            assert torch.equal(model.generate(prompt, 5, temperature=0), model.generate(prompt, 5, temperature=0,
+                                                                                         fast=False))  # fmt: skip
+
+
 def test_sampling_draws_the_same_tokens_fast_or_eager():
     """The draw is outside the compiled graph and never waits on the device; a seed gives one text either way."""
     model = build_model(tiny_config("hybrid")).eval()
