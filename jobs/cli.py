@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                           help="the weights' dtype while decoding (the SSMs stay float32); auto: bf16 on a GPU, fp32 "
-                               "on a CPU (bf16 is about 2.5x faster on CPUs with native bf16: BENCHMARKS.md)")
+                               "on a CPU (bf16 steps are about 2x faster on CPUs with native bf16: BENCHMARKS.md "
+                               "section 11)")
     generate.add_argument("--eager", action="store_true",
                           help="run the eager step (the reference), not the compiled one (and its CUDA graph)")
 
