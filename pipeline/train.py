@@ -500,7 +500,10 @@ class TrainingProgress:
     def _update(self) -> None:
         why = unreachable(self.tracking_uri, timeout_s=5)
         if why is None:
-            if self.reading is None or self.reading.done() or time.monotonic() - self.reading_since > self.answer_s:
+            # a read that went out during an outage may sleep in MLflow's retries for minutes, however young it is:
+            # once the server is back, read afresh
+            stale = self.unreachable_since is not None or time.monotonic() - self.reading_since > self.answer_s
+            if self.reading is None or self.reading.done() or stale:
                 self.reading, self.reading_since = self._read_in_background(), time.monotonic()
             try:
                 self._show(*self.reading.result(timeout=self.answer_s))
