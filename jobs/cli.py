@@ -239,6 +239,7 @@ def command_names() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from pipeline.cluster import ClusterError
     from pipeline.config import ConfigError
     from pipeline.dataset import DatasetError
     from jobs.export import ExportError
@@ -248,7 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.train import TrainingError
 
     args = build_parser().parse_args(argv)
-    errors = (ConfigError, SourceError, StorageError, DatasetError, TrainingError, EvalError, ExportError)
+    errors = (ConfigError, SourceError, StorageError, DatasetError, TrainingError, EvalError, ExportError,
+              ClusterError)
     try:
         args.func(args)
     except errors as e:  # say what to do

@@ -1,15 +1,27 @@
-"""Connecting to Ray: a cluster given by address, or a local one started here."""
+"""Connecting to Ray: a cluster given by address, or a local one started here. Every command reaches Ray through
+`connect` before its first Ray call (the tests run with Ray's auto-connect off, so a call that skips it fails)."""
 
 from __future__ import annotations
 
 import os
+import socket
 
 from pipeline.config import RayConfig
 from pipeline.logs import link_ray_session_logs
 
 
+REACH_TIMEOUT_S = 10.0
+"""How long a cluster's address may take to accept a connection before the command gives up with `ClusterError`."""
+
+
+class ClusterError(Exception):
+    """A Ray cluster that cannot be joined, said in one line with what to do."""
+
+
 def connect(cfg: RayConfig) -> None:
-    """Join the cluster at `ray.address` / $RAY_ADDRESS, else start a local one; idempotent.
+    """Join the cluster at `ray.address` / $RAY_ADDRESS, else start a local one (whatever address an earlier
+    cluster left in /tmp/ray); idempotent. An address that does not answer within REACH_TIMEOUT_S is a
+    `ClusterError` (Ray itself would retry it forever).
 
     Workers' output stays in Ray's session logs (`log_to_driver=False`): the stages show their own
     progress, and a worker's error reaches the driver as the exception Ray raises there.
@@ -20,6 +32,7 @@ def connect(cfg: RayConfig) -> None:
         address = cfg.address or os.environ.get("RAY_ADDRESS", "")
         quiet = {"log_to_driver": False, "configure_logging": False}  # `pipeline.logs` routes Ray's logging
         if address:
+            check_reachable(address)
             ray.init(address=address, **quiet)
         else:
             # "local": a new cluster even if another one on this machine left its address behind in /tmp/ray
@@ -28,3 +41,20 @@ def connect(cfg: RayConfig) -> None:
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # results in input order: everything built from them is deterministic
     context.enable_progress_bars = False  # each stage draws its own
+
+
+def check_reachable(address: str) -> None:
+    """Raise ClusterError unless `address` (host:port, ray://host:port, or "auto": the address file in Ray's temp
+    folder) accepts a TCP connection within REACH_TIMEOUT_S."""
+    from ray._private.utils import read_ray_address
+
+    target = read_ray_address() if address == "auto" else address.removeprefix("ray://")
+    what_to_do = ("start it (`ray start --head`, or `ray up ray_cluster.yaml`), or unset RAY_ADDRESS and ray.address "
+                  "to run on a new local cluster")
+    if not target:
+        raise ClusterError(f"ray address 'auto': no Ray cluster on this machine; {what_to_do}")
+    host, _, port = target.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_TIMEOUT_S).close()
+    except (OSError, ValueError) as e:
+        raise ClusterError(f"no Ray cluster answers at {target} ({e or type(e).__name__}); {what_to_do}") from None

@@ -76,7 +76,8 @@ def window_arrays(docs: list[np.ndarray], eod_id: int, batch: list[Window]) -> t
 def score_windows(model: LanguageModel, inputs: np.ndarray, targets: np.ndarray, piece_tokens: int,
                   device: torch.device) -> np.ndarray:
     """Summed negative log-likelihood (nats) of each window [B], run in pieces with the state carried."""
-    inputs, targets = torch.as_tensor(inputs, device=device), torch.as_tensor(targets, device=device)
+    # copied: in a Scorer the arrays are Ray's read-only, zero-copy views of its object store
+    inputs, targets = torch.tensor(inputs, device=device), torch.tensor(targets, device=device)
     state = model.init_state(len(inputs))
     totals = torch.zeros(len(inputs), device=device, dtype=torch.float64)
     for p in range(0, inputs.shape[1], piece_tokens):
@@ -121,6 +122,9 @@ class ClusterScorer:
     def __init__(self, model: LanguageModel, cfg: RunConfig):
         import ray
 
+        from pipeline.cluster import connect
+
+        connect(cfg.ray)
         weights = ray.put({k: v.detach().cpu() for k, v in model.state_dict().items()})
         options = scorer_options(cfg)
         actor = ray.remote(Scorer).options(**options)

@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+
+# Ray's auto-connect off, for this process and every `gss` process a test starts: a Ray call that a command makes
+# before `pipeline.cluster.connect` fails instead of joining whatever cluster /tmp/ray names.
+os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
 
 from tests.seed import TEST_SEED
 

@@ -1,5 +1,12 @@
 """End to end on a real local Ray cluster and a real MLflow store: run, eval, compare, reeval, generate."""
 
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
 import pytest
 
 from jobs.cli import main
@@ -188,3 +195,42 @@ def test_the_registered_model_loads_where_this_repository_is_not_importable(fini
     greedy = {"temperature": 0.0, "max_new_tokens": 8}  # as LOAD_ELSEWHERE generates
     assert json.loads(job.stdout.splitlines()[-1]) == mlflow.pyfunc.load_model(result["model_uri"]).predict(
         ["The river"], params=greedy)
+
+
+def closed_port() -> int:
+    """A local port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gss(*args: str, timeout: float, **env: str) -> subprocess.CompletedProcess:
+    """A `gss` command as a separate process (its own Ray connection), killed after `timeout` seconds."""
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], env=fresh_process_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_eval_and_reeval_run_on_a_new_cluster_whatever_address_an_old_one_left(finished):
+    """A cluster stopped long ago left its address in Ray's temp folder (a closed port): `gss eval` and `gss reeval`
+    start their own cluster and finish, where Ray's defaults would wait on that address forever."""
+    overrides, _ = finished
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths live under it
+    (Path(ray_tmp) / "ray").mkdir()
+    (Path(ray_tmp) / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{closed_port()}")
+    for command in (["eval", *overrides, "eval.lengths=[48]"], ["reeval", *overrides, "eval.lengths=[40]"]):
+        job = gss(*command, timeout=300, RAY_TMPDIR=ray_tmp)
+        assert job.returncode == 0, job.stderr[-3000:]
+        assert "(Scorer pid=" not in job.stdout + job.stderr  # workers' output stays in the logs
+
+
+def test_a_dead_ray_address_is_one_line_within_a_minute(finished):
+    overrides, _ = finished
+    address = f"127.0.0.1:{closed_port()}"
+    for where in ({"RAY_ADDRESS": address}, {}):
+        config = [*overrides] if where else [*overrides, f"ray.address={address}"]
+        started = time.monotonic()
+        job = gss("eval", *config, "eval.lengths=[48]", timeout=120, **where)
+        assert time.monotonic() - started < 60
+        assert job.returncode != 0
+        last = job.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"gss eval: no Ray cluster answers at {address}") and "ray start --head" in last, last
