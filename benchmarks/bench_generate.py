@@ -104,19 +104,19 @@ def fast_kernels(model: LanguageModel, ids: torch.Tensor, device: torch.device) 
     return sum(len(re.findall(r"^\s+(?:cpp_fused_\w+|extern_kernels\.\w+)\(", c, re.MULTILINE)) for c in code)
 
 
-def check(model: LanguageModel, ids: torch.Tensor, tokens: int) -> dict[str, float | bool]:
-    """Greedy tokens fast vs eager in float32; the bf16 fast step's logits against float32 eager's."""
+def check(model: LanguageModel, low: LanguageModel, ids: torch.Tensor, tokens: int) -> dict[str, float | bool]:
+    """Greedy tokens fast vs eager in float32; the bf16 fast step's (`low`) logits against float32 eager's, fed the
+    same tokens: the eager decode's first 8."""
     eager = model.generate(ids, tokens, temperature=0, fast=False)
     fast = model.generate(ids, tokens, temperature=0)
-    low = cast_for_decoding(copy.deepcopy(model), torch.bfloat16)
     states = []
     for m in (model, low):
-        _, prefilled = m.prefill(eager[:, : ids.shape[1]], m.init_state(len(ids)))
+        _, prefilled = m.prefill(ids, m.init_state(len(ids)))
         states.append(m.start_decoding(prefilled, eager.shape[1]))
     worst = 0.0
     for t in range(ids.shape[1], min(eager.shape[1], ids.shape[1] + 8)):
-        reference = model.step(eager[:, t - 1] if t > ids.shape[1] else ids[:, -1], states[0])
-        logits = compiled_model_step(low, eager[:, t - 1] if t > ids.shape[1] else ids[:, -1], states[1])
+        reference = model.step(eager[:, t], states[0])
+        logits = compiled_model_step(low, eager[:, t], states[1])
         worst = max(worst, (logits.float() - reference).abs().max().item())
     return {"greedy tokens fast = eager (fp32)": torch.equal(fast, eager), "bf16 max |dlogit|": worst}
 
@@ -167,7 +167,7 @@ def main() -> None:
             row["kernels/layer eager"] = eager_ops(model, ids, device) / layers
             row["kernels/layer fast"] = fast_kernels(model, ids, device) / layers
             row["tokens/s fast bf16"] = batch / row["fast bf16"] * 1e3
-            row.update(check(model, ids, args.steps))
+            row.update(check(model, low, ids, args.steps))
             rows.append(row)
             print({k: common.fmt(v) for k, v in row.items()}, flush=True)
 

@@ -147,13 +147,13 @@ def test_decoding_in_bfloat16_weights_keeps_the_ssm_in_float32():
     model = build_model(tiny_config("hybrid")).eval()
     ids = torch.randint(0, 97, (2, PROMPT))
     with torch.no_grad():
-        reference = [model.step(ids[:, -1], prefilled(model, ids[:, :-1], PROMPT))]
+        reference = model.step(ids[:, -1], prefilled(model, ids[:, :-1], PROMPT))
         cast_for_decoding(model, torch.bfloat16)
         state = prefilled(model, ids[:, :-1], PROMPT)
         logits = model.step(ids[:, -1], state)
     assert model.head.weight.dtype == torch.bfloat16 and model.blocks[0].ssm.C_re.dtype == torch.float32
     assert state.layers[0].dtype == torch.float32
-    torch.testing.assert_close(logits.float(), reference[0], atol=0.05, rtol=0)
+    torch.testing.assert_close(logits.float(), reference, atol=0.05, rtol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph capture needs a CUDA device")
