@@ -24,13 +24,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import importlib.util
 import re
-import subprocess
-import sys
-import tempfile
 import time
-from types import ModuleType
 
 import torch
 from torch._inductor.utils import run_and_get_code
@@ -38,23 +33,6 @@ from torch._inductor.utils import run_and_get_code
 from benchmarks import common
 from models import PRESETS, LanguageModel, build_model
 from models.decoding import cast_for_decoding, compiled_model_step
-
-
-def models_at(revision: str) -> ModuleType | None:
-    """The `models` package as it was at `revision`, imported as `models_before` (None without git)."""
-    folder = tempfile.mkdtemp(prefix="models-before-")
-    try:
-        archive = subprocess.run(["git", "archive", revision, "models"], capture_output=True, check=True).stdout
-        subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
-    except (OSError, subprocess.CalledProcessError) as e:
-        print(f"no 'before' column: cannot read models/ at {revision} from git ({e})")
-        return None
-    spec = importlib.util.spec_from_file_location("models_before", f"{folder}/models/__init__.py",
-                                                  submodule_search_locations=[f"{folder}/models"])  # fmt: skip
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["models_before"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def ms_per_step(generate, device: torch.device, steps: int, reps: int) -> float:
@@ -132,7 +110,7 @@ def main() -> None:
     common.add_common_args(parser, reps=3)
     args = parser.parse_args()
     device = common.setup(args)
-    before = models_at(args.before) if args.before else None
+    before = common.models_at(args.before) if args.before else None
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())  # fmt: skip
 
@@ -141,9 +119,9 @@ def main() -> None:
         torch.manual_seed(args.seed)
         model = build_model(PRESETS[preset]).to(device).eval()
         old = None
-        if before is not None:
+        if before is not None:  # the same weights: today's model loads the old layout (not the other way round)
             old = before.build_model(before.PRESETS[preset]).to(device).eval()
-            old.load_state_dict(model.state_dict())
+            model.load_state_dict(old.state_dict())
         low = cast_for_decoding(copy.deepcopy(model), torch.bfloat16)
         layers = model.cfg.n_layers
         for batch in args.batches:

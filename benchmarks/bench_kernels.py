@@ -44,6 +44,12 @@ def load_ssm(path: str | None) -> ModuleType:
     return module
 
 
+def ssm_input_shape(module: ModuleType, channels: int, length: int) -> tuple[int, int, int]:
+    """A batch of one for the DiagonalSSM of `module`: [B, H, L] since it works on that layout (issue 32: the
+    module has `fft_size`), [B, L, H] before."""
+    return (1, channels, length) if hasattr(module, "fft_size") else (1, length, channels)
+
+
 def cpu_seconds() -> tuple[float, float]:
     """(busy CPU seconds of the whole machine from /proc/stat, CPU seconds of this process)."""
     with open("/proc/stat") as f:
@@ -54,13 +60,14 @@ def cpu_seconds() -> tuple[float, float]:
 
 
 def bench_ssm(args: argparse.Namespace, device: torch.device) -> list[dict]:
-    DiagonalSSM = load_ssm(args.ssm_file).DiagonalSSM
+    module = load_ssm(args.ssm_file)
+    DiagonalSSM = module.DiagonalSSM
     variants = [("fft", None)] + [("chunked", int(c)) for c in args.chunks.split(",")]
     rows = []
     for length in args.ssm_lengths:
         backward = length <= args.fwd_bwd_max
         row = {"L": length, "pass": "fwd+bwd" if backward else "fwd", "others' CPU share": 0.0}
-        u = torch.randn(1, length, args.channels, device=device, requires_grad=backward)
+        u = torch.randn(ssm_input_shape(module, args.channels, length), device=device, requires_grad=backward)
         grad = torch.randn_like(u)
         for kernel, chunk in variants:
             name = kernel if chunk is None else f"{kernel}-{chunk}"

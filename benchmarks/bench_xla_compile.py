@@ -34,7 +34,7 @@ import torch_xla
 import torch_xla.debug.metrics as metrics
 
 from benchmarks import common
-from benchmarks.bench_kernels import load_ssm
+from benchmarks.bench_kernels import load_ssm, ssm_input_shape
 
 HLO_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?[\w.\-]+\s*=", re.MULTILINE)
 
@@ -42,8 +42,8 @@ HLO_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?[\w.\-]+\s*=", re.MULTILINE)
 def trace_pass(ssm: ModuleType, args: argparse.Namespace, length: int, device: torch.device) -> list[torch.Tensor]:
     """Record one forward + backward lazily; return the tensors a training step would materialise."""
     layer = ssm.DiagonalSSM(args.channels, args.state_size, "chunked", args.chunk).to(device)
-    u = torch.randn(1, length, args.channels).to(device).requires_grad_()
-    grad = torch.randn(1, length, args.channels).to(device)
+    u = torch.randn(ssm_input_shape(ssm, args.channels, length)).to(device).requires_grad_()
+    grad = torch.randn_like(u)
     y, _ = layer(u)
     loss = (y * grad).sum()
     loss.backward()

@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmarks: flags, timing, the train step, model FLOPs / MFU, tables, JSON.
+"""Shared helpers of the benchmarks: flags, timing, the train step, model FLOPs / MFU, tables, JSON, old `models`.
 
 Timing: `warmup` untimed calls, then up to `reps` timed calls (time.perf_counter, with
 torch.cuda.synchronize() before and after each on CUDA); the median is reported. A call stops
@@ -30,14 +30,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib.util
 import json
 import math
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -205,10 +209,37 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     print()
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def describe(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def models_at(revision: str) -> ModuleType | None:
+    """The `models` package as it was at `revision`, imported as `models_before` (None without git)."""
+    folder = tempfile.mkdtemp(prefix="models-before-")
+    try:
+        archive = subprocess.run(["git", "archive", revision, "models"], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        print(f"no 'before' column: cannot read models/ at {revision} from git ({e})")
+        return None
+    spec = importlib.util.spec_from_file_location("models_before", f"{folder}/models/__init__.py",
+                                                  submodule_search_locations=[f"{folder}/models"])  # fmt: skip
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["models_before"] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_json(args: argparse.Namespace, device: torch.device, results: dict[str, list[dict[str, Any]]]) -> None:

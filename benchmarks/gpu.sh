@@ -3,8 +3,11 @@
 #
 #   benchmarks/gpu.sh OUT_DIR
 #
-#   presets.json      train steps of paper-gss, paper-dss, paper-gss-hybrid, paper-transformer at L=4096, bf16:
-#                     tokens/s and MFU (model FLOPs: BENCHMARKS.md, "Model FLOPs per token")
+#   presets.json      train steps of paper-gss, paper-dss, paper-gss-hybrid, paper-transformer at 8 x 4096, bf16,
+#                     compiled (the path `gss train` takes on cuda): tokens/s and MFU (model FLOPs: BENCHMARKS.md,
+#                     "Model FLOPs per token"); targets: GSS >= 50% MFU, DSS >= 40%, hybrid and Transformer >= 45%
+#   presets_64k.json  the same for paper-gss and paper-transformer at 1 x 65536: GSS >= 90% of its 4k tokens/s
+#                     and >= 3x the Transformer's
 #   ssm_kernels.json  the SSM layer's fwd+bwd, fft against chunked (128, 256), L = 4k..64k
 #   decoding.json     recurrent decoding ms/token of paper-gss at 1k..64k context, against recomputing
 #   generate.json     paper-gss `generate` at batch 1 and 64: eager against the fast step (compiled, CUDA graph),
@@ -31,8 +34,10 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 bench() { echo "== $*"; "$PYTHON" -m "$@"; }
 {
-  bench benchmarks.bench_presets --device cuda --dtype bf16 --length 4096 --batch 8 --reps 10 \
+  bench benchmarks.bench_presets --device cuda --dtype bf16 --compile --length 4096 --batch 8 --reps 10 \
     --peak-tflops "$peak" --out "$out/presets.json"
+  bench benchmarks.bench_presets --device cuda --dtype bf16 --compile --length 65536 --batch 1 --reps 5 \
+    --presets paper-gss,paper-transformer --peak-tflops "$peak" --out "$out/presets_64k.json"
   bench benchmarks.bench_kernels --device cuda --part ssm --ssm-lengths 4k,8k,16k,32k,64k --fwd-bwd-max 64k \
     --chunks 128,256 --reps 10 --out "$out/ssm_kernels.json"
   bench benchmarks.bench_decoding --device cuda --dtype bf16 --preset paper-gss --contexts 1k,4k,16k,64k \

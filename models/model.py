@@ -46,17 +46,23 @@ class SSMBlock(nn.Module):
 
     def forward(self, x: Tensor, state: Tensor | None = None, position: int = 0, pad: Tensor | None = None
                 ) -> tuple[Tensor, Any]:
-        if pad is None:
-            return self.mix(x, lambda u: self.ssm(u, state))
-        started = relative_positions(position, x.shape[1], pad, x.device)[..., None] >= 0
-        # zeroed, not multiplied: a padded position's u may be anything, and the state must stay exactly zero
-        return self.mix(x, lambda u: self.ssm(torch.where(started, u, 0), state))
+        def run_ssm(u: Tensor) -> tuple[Tensor, Any]:
+            if pad is not None:
+                started = relative_positions(position, x.shape[1], pad, x.device)[..., None] >= 0
+                # zeroed, not multiplied: a padded position's u may be anything, and the state must stay exactly 0
+                u = torch.where(started, u, 0)
+            # The SSM runs on [B, H, L]; the transposes are views, carried out by copies that happen anyway
+            # (the FFT's zero padding, the next matmul's input cast), or fused into them when compiled.
+            y, new_state = self.ssm(u.mT, state)
+            return y.mT, new_state
+
+        return self.mix(x, run_ssm)
 
     def static_state(self, state: Tensor, position: int, capacity: int) -> Tensor:
         return state.clone()  # the decode's own buffer: the prefill's state stays as it was
 
     def step(self, x: Tensor, state: Tensor, position: Tensor, pad: Tensor, constants: StepConstants) -> Tensor:
-        return self.mix(x, lambda u: (self.ssm.step(u, state, constants), state))[0]
+        return self.mix(x, lambda u: (self.ssm.step(u, state, constants), state))[0]  # u [B, H]: no transposes
 
     def step_constants(self) -> StepConstants:
         return self.ssm.step_constants()
@@ -74,19 +80,28 @@ class GSSBlock(SSMBlock):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.widths = [cfg.d_gate, cfg.d_ssm]
         self.norm = nn.LayerNorm(cfg.d_model)
-        self.to_gate = nn.Linear(cfg.d_model, cfg.d_gate)
-        self.to_ssm = nn.Linear(cfg.d_model, cfg.d_ssm)
+        self.to_gate_and_ssm = nn.Linear(cfg.d_model, cfg.d_gate + cfg.d_ssm)  # W_F and W_H: one matmul over h
         self.ssm_norm = nn.LayerNorm(cfg.d_ssm)  # the paper's dss() normalises its input
         self.ssm = DiagonalSSM(cfg.d_ssm, cfg.state_size, cfg.ssm_kernel, cfg.ssm_chunk, cfg.ssm_max_memory)
         self.ssm_out = nn.Linear(cfg.d_ssm, cfg.d_gate)
         self.out = nn.Linear(cfg.d_gate, cfg.d_model)
+        self.register_load_state_dict_pre_hook(merge_input_projections)
 
     def mix(self, x: Tensor, run_ssm: Callable[[Tensor], tuple[Tensor, Any]]) -> tuple[Tensor, Any]:
-        h = self.norm(x)
-        v = F.gelu(self.to_gate(h))
-        y, state = run_ssm(self.ssm_norm(F.gelu(self.to_ssm(h))))
+        v, u = F.gelu(self.to_gate_and_ssm(self.norm(x))).split(self.widths, dim=-1)
+        y, state = run_ssm(self.ssm_norm(u))
         return x + self.out(self.ssm_out(y) * v), state
+
+
+def merge_input_projections(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *_: Any) -> None:
+    """Weights saved before GSS's W_F and W_H became one Linear (`to_gate`, `to_ssm`; commits up to da38185) load
+    into `to_gate_and_ssm`, the two stacked: checkpoints, registered models and exports of older runs still load."""
+    for name in ("weight", "bias"):
+        gate, ssm = f"{prefix}to_gate.{name}", f"{prefix}to_ssm.{name}"
+        if gate in state_dict and ssm in state_dict:
+            state_dict[f"{prefix}to_gate_and_ssm.{name}"] = torch.cat([state_dict.pop(gate), state_dict.pop(ssm)])
 
 
 class MLP(nn.Module):
@@ -306,17 +321,20 @@ class LanguageModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, input_ids: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """The parallel (training) pass: input_ids [B, L] -> (logits [B, L, vocab], loss).
+    def forward(self, input_ids: Tensor, targets: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+        """The parallel (training) pass over input_ids [B, L].
 
-        loss is next_token_loss(logits, targets) for targets [B, L] (usually input_ids shifted by
-        one), else None.
+        Without targets: (logits [B, L, vocab], None). With targets [B, L] (usually input_ids shifted by one):
+        (None, loss), loss the mean next-token cross-entropy, next_token_loss(logits, targets), computed by
+        `chunked_next_token_loss` a chunk of rows at a time so that the [B, L, vocab] logits never exist.
         """
         x = self.embed(input_ids)
         for block in self.blocks:
             x, _ = block(x)
-        logits = self.head(self.norm(x))
-        return logits, (None if targets is None else next_token_loss(logits, targets))
+        if targets is not None:
+            # the head's weight, not the head: its matmul happens inside the chunked loss (tied: the embedding's)
+            return None, chunked_next_token_loss(self.norm(x), self.head.weight, targets)
+        return self.head(self.norm(x)), None
 
     def init_state(self, batch_size: int, pad: Tensor | None = None) -> DecodeState:
         """The state before the first token; `pad` [B]: each row's left padding (see the module's docstring)."""
@@ -385,6 +403,86 @@ def next_token_loss(logits: Tensor, targets: Tensor, reduction: Literal["mean", 
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
     return loss.view(targets.shape) if reduction == "none" else loss
+
+
+# The chunked loss's logits are made this many elements at a time: 2**25 is 128 MB in float32, 1024 rows at a 32k
+# vocab. That is the size of the hidden state [B·L, E] at paper width and batch (8 × 4096 × 1024), so the loss adds
+# about one activation at its peak, and a chunk of ~1000 rows keeps its three matmuls large enough to run at speed
+# (and a compiled or XLA graph, which unrolls the chunks, short: 32 chunks at 8 × 4096).
+LOSS_CHUNK_ELEMENTS = 2**25
+IGNORE_INDEX = -100  # F.cross_entropy's default, which next_token_loss keeps
+
+
+def chunked_next_token_loss(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int | None = None
+                            ) -> Tensor:  # fmt: skip
+    """next_token_loss(F.linear(hidden, weight), targets) without the logits: hidden [B, L, E], weight [vocab, E],
+    targets [B, L] (-100: ignored), the mean cross-entropy, in at least float32.
+
+    The logits are made `chunk_rows` rows at a time (default: LOSS_CHUNK_ELEMENTS // vocab) and dropped. When a
+    gradient is needed, each chunk's gradient is computed in the same pass (`_LinearCrossEntropy`); under
+    torch.no_grad it is not.
+    """
+    hidden, targets = hidden.flatten(0, 1), targets.flatten()
+    rows = chunk_rows or max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, rows)
+    return _linear_cross_entropy(hidden, weight, targets, rows, with_grads=False)[0]
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """The loss and, in the same forward, its gradients with respect to hidden and weight: the backward only scales
+    them by the loss's gradient. Three matmuls per chunk, as a forward and backward through the head, no recompute,
+    and nothing of the size of the logits is kept for the backward."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: Tensor, weight: Tensor, targets: Tensor, rows: int) -> Tensor:
+        loss, grad_hidden, grad_weight = _linear_cross_entropy(hidden, weight, targets, rows, with_grads=True)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
+
+
+def _linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, rows: int, with_grads: bool
+                          ) -> tuple[Tensor, Tensor | None, Tensor | None]:  # fmt: skip
+    """(mean loss, d loss / d hidden, d loss / d weight) for hidden [N, E], weight [vocab, E], targets [N], `rows`
+    rows at a time: a static Python loop over static slices (torch.compile and XLA unroll it). The gradients are
+    None without `with_grads`."""
+    # The loss in at least float32, as next_token_loss; the matmuls in whatever dtype autocast (or the weights) gives.
+    exact = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
+    valid = targets != IGNORE_INDEX
+    share = valid.to(exact) / valid.sum()  # each row's weight in the mean: a tensor, no .item() (no sync, no break)
+    picks = targets.clamp(min=0)[:, None]  # an ignored row picks class 0, then weighs 0
+    classes = torch.arange(weight.shape[0], device=hidden.device)
+    loss = hidden.new_zeros((), dtype=exact)
+    grad_hidden = torch.empty_like(hidden) if with_grads else None
+    grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32)) if with_grads \
+        else None  # fmt: skip
+    for start in range(0, hidden.shape[0], rows):
+        h, pick, row_share = hidden[start : start + rows], picks[start : start + rows], share[start : start + rows]
+        logits = F.linear(h, weight)  # under bf16 autocast in bf16, as the head's nn.Linear
+        z = logits.to(exact)  # logits itself when they are already in `exact`
+        picked = z.gather(1, pick)[:, 0]
+        top = z.amax(-1, keepdim=True)
+        # exp(z - max) in place and its row sums: the log-sum-exp and the softmax in one [rows, vocab] tensor
+        exps = z.sub_(top).exp_()
+        sums = exps.sum(-1, keepdim=True)
+        loss = loss + ((top[:, 0] + sums[:, 0].log() - picked) * row_share).sum()
+        if grad_hidden is None or grad_weight is None:  # no gradient wanted
+            continue
+        # d loss / d logits = (softmax - one-hot) * the row's share: in place, but for the one-hot, a comparison (a
+        # scatter would keep Inductor from fusing the chunk's pointwise work into one pass)
+        probs = exps.mul_(row_share[:, None] / sums)
+        grad_logits = torch.where(classes == pick, probs - row_share[:, None], probs).to(logits.dtype)
+        grad_hidden[start : start + rows] = grad_logits @ weight
+        if grad_weight.dtype == grad_logits.dtype:
+            grad_weight.addmm_(grad_logits.mT, h)  # in place: no [vocab, E] temporary per chunk
+        else:
+            grad_weight += grad_logits.mT @ h  # autocast's bf16 product, summed over the chunks in float32
+    return loss, grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype)
 
 
 def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None) -> Tensor:

@@ -7,7 +7,7 @@ and D [H]; they define
     W      = C (exp(Lambda) - 1) / Lambda           [H, N]
     K[h, l] = Re( sum_n W[h, n] exp(Lambda_n l) )   [H, L], the convolution kernel
 
-and one layer maps u [B, L, H] to y = causal_conv(u, K) + D u. With lam = exp(Lambda), the same map
+and one layer maps u [B, H, L] to y = causal_conv(u, K) + D u along L. With lam = exp(Lambda), the same map
 is the linear recurrence
 
     x_t = lam x_{t-1} + u_t,   y_t = Re(sum_n W[h, n] x_t[n]) + D u_t,
@@ -23,7 +23,8 @@ Complex pair (Re Lambda, Im Lambda).
 Ways to apply the layer, all with the same result:
   * `conv_direct`  O(L^2) materialised Toeplitz matrix: the obviously correct convolution (tests only).
   * `scan_ref`     the recurrence, token by token: the obviously correct scan (tests only).
-  * `conv_fft`     O(L log L) real FFT, always in float32: the paper's method, fast on CPU and GPU.
+  * `conv_fft`     O(L log L) real FFT over [B, H, L], always in float32: the paper's method, fast on CPU and GPU,
+                   and with real arithmetic around the transforms, so that it compiles whole.
   * `scan_chunked` no FFT: matmuls inside chunks of T tokens and a state carried between chunks by
                    a log-depth scan (a traced graph of O(log(L / T)) ops), O(L (T + N)) work. The TPU
                    path; like `scan_ref` it starts from and returns a state.
@@ -77,21 +78,65 @@ def dss_kernel(W: Complex, Lambda: Complex, length: int) -> Tensor:
 
 
 def conv_direct(u: Tensor, K: Tensor, D: Tensor) -> Tensor:
-    """Reference: y[b, t, h] = sum_{s <= t} K[h, t - s] u[b, s, h] + D[h] u[b, t, h]."""
-    length = u.shape[1]
+    """Reference: y[b, h, t] = sum_{s <= t} K[h, t - s] u[b, h, s] + D[h] u[b, h, t], for u [B, H, L]."""
+    length = u.shape[-1]
     lag = torch.arange(length)[:, None] - torch.arange(length)[None, :]  # [t, s]
     toeplitz = K[:, lag.clamp(min=0)] * (lag >= 0)  # [H, t, s]
-    return torch.einsum("hts,bsh->bth", toeplitz, u) + D * u
+    return torch.einsum("hts,bhs->bht", toeplitz, u) + D[:, None] * u
+
+
+def fft_size(length: int) -> int:
+    """The power of two >= 2 L: a circular convolution that long is the causal one (nothing wraps around), and the
+    transform of a power of two runs the fastest radix-2 plans (cuFFT and pocketfft)."""
+    return 1 << (2 * length - 1).bit_length()
 
 
 def conv_fft(u: Tensor, K: Tensor, D: Tensor) -> Tensor:
-    """Causal convolution by real FFT with zero padding to 2L; float32 even under autocast."""
-    length = u.shape[1]
+    """`conv_direct` by real FFT over the last, contiguous dimension of u [B, H, L]: float32 whatever the input.
+
+    D rides in the kernel's first tap (one multiply-add fewer over u), and the convolution and its backward
+    (`_FFTConv`) use real FFTs and real arithmetic only, so that compiled, no complex op falls back to eager."""
     dtype = torch.promote_types(u.dtype, torch.float32)
-    u32, K32 = u.to(dtype), K.to(dtype)
-    spectrum = torch.fft.rfft(u32, n=2 * length, dim=1) * torch.fft.rfft(K32.T, n=2 * length, dim=0)
-    y = torch.fft.irfft(spectrum, n=2 * length, dim=1)[:, :length]
-    return (y + D * u32).to(u.dtype)
+    K = K.to(dtype)
+    taps = torch.cat([K[:, :1] + D.to(dtype)[:, None], K[:, 1:]], dim=1)
+    return _FFTConv.apply(u.to(dtype), taps)
+
+
+def _spectral_product(a: Tensor, b: Tensor, conjugate_b: bool = False, sum_batch: bool = False) -> Tensor:
+    """a * b (or a * conj(b)) of two spectra, summed over dim 0 if asked, as a complex tensor for irfft: computed on
+    their real views (one fused kernel compiled; Inductor generates no code for complex arithmetic)."""
+    (a_re, a_im), (b_re, b_im) = torch.view_as_real(a).unbind(-1), torch.view_as_real(b).unbind(-1)
+    if conjugate_b:
+        b_im = -b_im
+    product = torch.stack([a_re * b_re - a_im * b_im, a_re * b_im + a_im * b_re], dim=-1)
+    return torch.view_as_complex(product.sum(0) if sum_batch else product)
+
+
+class _FFTConv(torch.autograd.Function):
+    """y = causal_conv(u, K) for u [B, H, L], K [H, L], with a backward written out (H3's fftconv):
+    grad_u = corr(grad_y, K) and grad_K = sum_b corr(grad_y, u), correlations being products with the conjugate
+    spectrum. The spectra of u and K are kept from the forward, so a forward + backward runs 5 transforms of
+    [B, H, n] (autograd's would run 6, some of them complex-to-complex, and complex multiplies and copies that
+    Inductor leaves to eager); grad_K is summed over the batch before its inverse transform."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, K: Tensor) -> Tensor:
+        length = u.shape[-1]
+        n = fft_size(length)
+        u_f, k_f = torch.fft.rfft(u, n=n), torch.fft.rfft(K, n=n)
+        ctx.save_for_backward(u_f, k_f)
+        return torch.fft.irfft(_spectral_product(u_f, k_f), n=n)[..., :length]
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor) -> tuple[Tensor, Tensor]:
+        u_f, k_f = ctx.saved_tensors
+        length = grad_y.shape[-1]
+        n = fft_size(length)
+        g_f = torch.fft.rfft(grad_y, n=n)
+        grad_u = torch.fft.irfft(_spectral_product(g_f, k_f, conjugate_b=True), n=n)[..., :length]
+        grad_k_f = _spectral_product(g_f, u_f, conjugate_b=True, sum_batch=True)
+        grad_K = torch.fft.irfft(grad_k_f, n=n)[..., :length]
+        return grad_u, grad_K
 
 
 def zero_state(u: Tensor, W: Complex) -> SSMState:
@@ -313,14 +358,15 @@ class DiagonalSSM(nn.Module):
         return self.C_re.new_zeros(2, batch_size, channels, state_size, dtype=self.compute_dtype)
 
     def forward(self, u: Tensor, state: SSMState | None = None) -> tuple[Tensor, SSMState | None]:
-        """u [B, L, H] -> y [B, L, H]. With a state, continue from it and return the new one."""
+        """u [B, H, L] -> y [B, H, L], over the contiguous last dimension. With a state, continue from it and
+        return the new one (the chunked scan, which works on [B, L, H]: these transposes are views)."""
         with torch.autocast(device_type=u.device.type, enabled=False):
             u32, D = u.to(self.compute_dtype), self.D.to(self.compute_dtype)
             if state is None and self.kernel_method == "fft":
-                return conv_fft(u32, self.kernel(u.shape[1]), D).to(u.dtype), None
+                return conv_fft(u32, self.kernel(u.shape[-1]), D).to(u.dtype), None
             W, Lambda = self.modes()
-            y, new_state = scan_chunked(u32, W, Lambda, D, state, self.chunk_size)
-            return y.to(u.dtype), (new_state if state is not None else None)
+            y, new_state = scan_chunked(u32.mT, W, Lambda, D, state, self.chunk_size)
+            return y.mT.to(u.dtype), (new_state if state is not None else None)
 
     def step_constants(self) -> StepConstants:
         """(W lam, lam, D + Re(sum_n W)) in compute_dtype, lam = exp(Lambda) [1, N]: the same for every token of a

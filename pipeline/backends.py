@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.config import TrainConfig
+from pipeline.config import TrainConfig, compiles
 
 
 @dataclass
@@ -24,6 +24,7 @@ class Backend:
     name: str
     device: torch.device
     dtype: torch.dtype | None  # autocast dtype, None: full precision
+    compiled: bool = False  # the model runs under torch.compile (`train.compile`)
 
     def autocast(self):
         if self.dtype is None:
@@ -32,8 +33,9 @@ class Backend:
 
     def wrap(self, model: nn.Module, cfg: TrainConfig) -> nn.Module:
         """FSDP2 (`train.fsdp`: every block, then the whole model, sharded over the workers) or DDP over several
-        workers, then torch.compile (`train.compile`). The same on cpu (gloo) as on cuda (NCCL), so that the
-        tests run the code GPU nodes run. Build the optimizer after this: fully_shard makes new Parameters."""
+        workers, then torch.compile (`train.compile`, lazy: the first step compiles). The same on cpu (gloo) as on
+        cuda (NCCL), so that the tests run the code GPU nodes run. Build the optimizer after this: fully_shard makes
+        new Parameters."""
         if cfg.fsdp:
             from torch.distributed.fsdp import fully_shard
 
@@ -43,7 +45,7 @@ class Backend:
         elif dist.is_initialized() and dist.get_world_size() > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-        return torch.compile(model) if cfg.compile else model
+        return torch.compile(model) if self.compiled else model
 
     def to_device(self, batch: torch.Tensor) -> torch.Tensor:
         return batch.to(self.device)
@@ -69,8 +71,21 @@ class Backend:
         return None
 
     def compile_counts(self) -> dict[str, float]:
-        """Graphs compiled so far and compilations found in the persistent cache (XLA), as metrics."""
-        return {}
+        """What compiling took so far and what the persistent cache had, as metrics: torch.compile's seconds (Dynamo's
+        own total over the graphs of every frame and their lazily compiled backward graphs) and the lookups of
+        Inductor's FX graph cache and AOTAutograd's cache (a hit: a graph an earlier run compiled; a bypass: a graph
+        that cache cannot hold, e.g. one that switches autocast or runs a custom autograd Function)."""
+        if not self.compiled:
+            return {}
+        from torch._dynamo.utils import calculate_time_spent, counters
+
+        inductor, aot = counters["inductor"], counters["aot_autograd"]
+        return {"compile_seconds": calculate_time_spent()["total_wall_time"],
+                "fx_graph_cache_hits": inductor["fxgraph_cache_hit"],
+                "fx_graph_cache_misses": inductor["fxgraph_cache_miss"],
+                "aot_autograd_cache_hits": aot["autograd_cache_hit"],
+                "aot_autograd_cache_misses": aot["autograd_cache_miss"],
+                "aot_autograd_cache_bypasses": aot["autograd_cache_bypass"]}
 
     def peak_memory_bytes(self) -> int:
         if self.device.type == "cuda":
@@ -141,26 +156,43 @@ def _dtype(cfg: TrainConfig, accelerator: bool) -> torch.dtype | None:
     return torch.bfloat16 if cfg.precision == "bf16" else None
 
 
-def xla_cache_dir(root: str) -> str:
-    """The persistent XLA compilation cache: `<root>/xla_cache` for a local root, else a folder on the host."""
+def _compile_cache_dir(root: str, name: str, on_host: str) -> str:
+    """`<root>/<name>` for a local root; on a bucket root, `on_host`, a folder on each host."""
     from fsspec.implementations.local import LocalFileSystem
 
     from pipeline.storage import filesystem
 
     fs, path = filesystem(root)
-    return os.path.join(path, "xla_cache") if isinstance(fs, LocalFileSystem) else os.path.expanduser("~/.cache/gss/xla")
+    return os.path.join(path, name) if isinstance(fs, LocalFileSystem) else os.path.expanduser(on_host)
 
 
-def make_backend(cfg: TrainConfig, xla_cache: str = "") -> Backend:
-    """The worker's backend; `xla_cache`: where compiled XLA programs persist (a restart compiles nothing again)."""
+def xla_cache_dir(root: str) -> str:
+    """The persistent XLA compilation cache: `<root>/xla_cache` for a local root, else a folder on the host."""
+    return _compile_cache_dir(root, "xla_cache", "~/.cache/gss/xla")
+
+
+def inductor_cache_dir(root: str) -> str:
+    """Inductor's persistent caches (FX graphs, AOTAutograd graphs, C++ and Triton kernels; by default under /tmp,
+    lost with the node): `<root>/inductor_cache` for a local root, else a folder on the host."""
+    return _compile_cache_dir(root, "inductor_cache", "~/.cache/gss/inductor")
+
+
+def make_backend(cfg: TrainConfig, xla_cache: str = "", inductor_cache: str = "") -> Backend:
+    """The worker's backend; `xla_cache` / `inductor_cache`: where compiled XLA programs / Inductor's graphs and
+    kernels persist (a restart finds them instead of compiling again)."""
+    if compiles(cfg) and inductor_cache:
+        # read at each lookup (torch._inductor.runtime.cache_dir_utils), so before the first compile is enough; the FX
+        # graph and AOTAutograd caches under it are on by default (torch 2.13: fx_graph_cache, enable_autograd_cache)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache
+        os.environ["TRITON_CACHE_DIR"] = os.path.join(inductor_cache, "triton")  # cuda's kernels, whatever was set
     if cfg.backend == "cpu":
-        return Backend("cpu", torch.device("cpu"), _dtype(cfg, accelerator=False))
+        return Backend("cpu", torch.device("cpu"), _dtype(cfg, accelerator=False), compiles(cfg))
     if cfg.backend == "cuda":
         import ray.train.torch
 
         device = ray.train.torch.get_device()
         torch.cuda.set_device(device)
-        return Backend("cuda", device, _dtype(cfg, accelerator=True))
+        return Backend("cuda", device, _dtype(cfg, accelerator=True), compiles(cfg))
     if cfg.backend == "xla":
         import torch_xla
         import torch_xla.runtime as xr

@@ -85,6 +85,10 @@ def restore(folder: str, model: torch.nn.Module, optimizer: torch.optim.Optimize
         raise ValueError(f"{folder} was written without train.fsdp (one file, no shards): resume it with "
                          "train.fsdp=false, or start a new run name")
     else:
+        if any(key.endswith(".to_ssm.weight") for key in state["model"]):
+            raise ValueError(f"{folder} was written before GSS's input projections became one (commit da38185 or "
+                             "earlier): its weights load (gss eval, generate, export), its optimizer state does not; "
+                             "resume it with that code, or start a new run name")
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
     return state

@@ -30,12 +30,13 @@ from torch.distributed.tensor import DTensor
 
 from models import ModelConfig, build_model
 from pipeline import checkpoint
-from pipeline.backends import Backend, xla_cache_dir
+from pipeline.backends import Backend, inductor_cache_dir, xla_cache_dir
 from pipeline.config import (
     ConfigError,
     RunConfig,
     TrainConfig,
     batch_layout,
+    compiles,
     fingerprint,
     from_dict,
     model_config,
@@ -60,6 +61,7 @@ from pipeline.tracking import ALIAS, BackgroundLogger, Tag, registered_name, tag
 
 DIVERGED = "diverged.json"
 METRICS_LOST = "metrics_lost.txt"  # a worker's line on metrics the tracking server never took
+COMPILE_KEYS = ("compile_seconds", "fx_graph_cache_hits", "fx_graph_cache_misses")  # the driver's line on them
 
 
 class TrainingError(RuntimeError):
@@ -236,6 +238,13 @@ class MetricsLogger:
         """Mark a restart from the checkpoint at `step` (the driver prints it)."""
         self._log(step, {"resumed_at_step": step})
 
+    def compiled(self, step: int) -> None:
+        """After this worker's first step, which compiled the model (torch.compile and XLA are lazy): the compile
+        counts at once, not at the next report (the driver prints torch.compile's time)."""
+        counts = self.backend.compile_counts() if self.sender else {}
+        if counts:
+            self._log(step, counts)
+
     def finish(self, fallback_ops: dict[str, int] | None) -> None:
         if self.sender and fallback_ops is not None:  # ops that fell back to the host CPU: each one is slow on a TPU
             self.sender.set_tag(Tag.XLA_FALLBACKS, json.dumps(fallback_ops))
@@ -269,7 +278,7 @@ def train_loop(payload: dict[str, Any]) -> None:
     tc = from_dict(RunConfig, payload["cfg"]).train
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    backend = make_backend(tc, payload["xla_cache"])
+    backend = make_backend(tc, payload["xla_cache"], payload["inductor_cache"])
     torch.manual_seed(tc.seed)
     model = build_model(ModelConfig(**payload["model"])).to(backend.device)
     undecayed = no_weight_decay(model)
@@ -284,6 +293,7 @@ def train_loop(payload: dict[str, Any]) -> None:
                             (payload["tracking_uri"], payload["run_id"]) if rank == 0 else None)
     if step:
         metrics.resumed(step)
+    first_step = step
     _write_pid(payload, rank)
     backend.clear_fallback_counts()  # count host fallbacks of the training steps only
 
@@ -293,6 +303,8 @@ def train_loop(payload: dict[str, Any]) -> None:
             loss, grad_norm = train_step(model, optimizer, backend, batches(step), batches.accumulation, lr,
                                          tc.grad_clip)
             step += 1
+            if step == first_step + 1:
+                metrics.compiled(step)
             save = checkpointer.should_save(step)  # once per step on every rank: ranks must agree
             if not (save or metrics.should_log(step) or validator.should_run(step)):
                 continue  # values stay on the device between reports: no host sync per step (XLA, CUDA)
@@ -358,7 +370,8 @@ def _train_stage(cfg: RunConfig) -> dict[str, Any]:
     run_dir = run_folder(cfg)
     payload = {"cfg": to_dict(cfg), "model": dataclasses.asdict(model_cfg), "dataset": dataset,
                "tracking_uri": mlflow.get_tracking_uri(), "run_id": run.info.run_id, "run_dir": run_dir,
-               "xla_cache": xla_cache_dir(cfg.root), "validate_every": cfg.eval.during_training}
+               "xla_cache": xla_cache_dir(cfg.root), "inductor_cache": inductor_cache_dir(cfg.root),
+               "validate_every": cfg.eval.during_training}
     trainer = _trainer(cfg, payload)
     fs, diverged = filesystem(join(run_dir, DIVERGED))
     if fs.exists(diverged):
@@ -372,7 +385,7 @@ def _train_stage(cfg: RunConfig) -> dict[str, Any]:
         finishing = f"saving the final checkpoint and scoring it at {lengths} (validation split)"
     try:
         with TrainingProgress(payload["tracking_uri"], run.info.run_id, tc.steps, step_rows * manifest["seq_len"],
-                              finishing):
+                              finishing, compiled=compiles(tc)):
             result = trainer.fit()
     except Exception as e:
         client.set_terminated(run.info.run_id, "FAILED")
@@ -460,15 +473,17 @@ def _trainer(cfg: RunConfig, payload: dict[str, Any]):
 class TrainingProgress:
     """The driver's progress bar, fed by what rank 0 logs to MLflow (the workers' own output stays in Ray's logs).
     Once the last step is in, the bar says what training still waits for (`finishing`), so that a full bar whose
-    clock goes on is never silent; while MLflow does not answer, the bar says since when."""
+    clock goes on is never silent; while MLflow does not answer, the bar says since when. With torch.compile
+    (`compiled`), it says once what the workers' first compile took and how much of it Inductor's cache had."""
 
     def __init__(self, tracking_uri: str, run_id: str, steps: int, tokens_per_step: int, finishing: str,
-                 poll_s: float = 2.0):
+                 poll_s: float = 2.0, compiled: bool = False):
         from mlflow import MlflowClient
 
         self.client, self.tracking_uri, self.run_id, self.steps, self.tokens_per_step, self.finishing, self.poll_s = \
             MlflowClient(tracking_uri), tracking_uri, run_id, steps, tokens_per_step, finishing, poll_s
-        self.since_ms = int(time.time() * 1000)
+        self.started_ms = self.since_ms = int(time.time() * 1000)
+        self.compile_pending = compiled  # torch.compile's time, to say once this driver's workers have logged it
         self.stop = threading.Event()
         self.unreachable_since: str | None = None
         # reads run in their own daemon thread, waited for `answer_s`: one caught in MLflow's retries (minutes) when
@@ -527,19 +542,28 @@ class TrainingProgress:
 
         def read() -> None:
             try:
+                compile_logs = {key: self.client.get_metric_history(self.run_id, key)
+                                for key in COMPILE_KEYS} if self.compile_pending else {}
                 reading.set_result((self.client.get_run(self.run_id).data.metrics,
-                                    self.client.get_metric_history(self.run_id, "resumed_at_step")))
+                                    self.client.get_metric_history(self.run_id, "resumed_at_step"), compile_logs))
             except Exception as e:  # noqa: BLE001 - handed to the waiting _update
                 reading.set_exception(e)
 
         threading.Thread(target=read, daemon=True).start()
         return reading
 
-    def _show(self, metrics: dict[str, float], restarts: list) -> None:
+    def _show(self, metrics: dict[str, float], restarts: list, compile_logs: dict[str, list]) -> None:
         for restart in restarts:
             if restart.timestamp >= self.since_ms:
                 self.bar.write(f"[train] resumed from the checkpoint at step {restart.step}")
                 self.since_ms = restart.timestamp + 1
+        # the first compile of this driver's workers (the run's latest values may be an earlier driver's)
+        fresh = {key: [m for m in logs if m.timestamp >= self.started_ms] for key, logs in compile_logs.items()}
+        if self.compile_pending and all(fresh.values()):
+            self.compile_pending = False
+            seconds, hits, misses = (min(fresh[key], key=lambda m: (m.timestamp, m.step)).value for key in COMPILE_KEYS)
+            self.bar.write(f"[train] torch.compile compiled the model in {seconds:.1f} s; Inductor's cache had "
+                           f"{hits:.0f} of its {hits + misses:.0f} graphs")
         if "tokens_seen" in metrics:
             self.bar.update(round(metrics["tokens_seen"] / self.tokens_per_step) - self.bar.n)
             shown = {"loss": f"{metrics['loss']:.3f}", "tok/s": f"{metrics['tokens_per_second']:,.0f}"}

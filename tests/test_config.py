@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from models import PRESETS
-from pipeline.config import ConfigError, RunConfig, TrainConfig, batch_layout, load_config, model_config
+from pipeline.config import ConfigError, RunConfig, TrainConfig, batch_layout, compiles, load_config, model_config
 
 REPO = Path(__file__).parents[1]
 LOCAL = REPO / "configs" / "local.yaml"
@@ -62,6 +62,15 @@ def test_valid_values_load():
     assert (model.arch, model.ssm_kernel, model.vocab_size) == ("transformer", "chunked", 300)
 
 
+def test_train_compile_auto_is_on_with_cuda_only():
+    """auto: torch.compile on cuda; off on cpu (the compile outweighs short runs) and with xla (XLA compiles)."""
+    for backend, on in (("cpu", False), ("cuda", True), ("xla", False)):
+        tc = load_config(LOCAL, [f"train.backend={backend}"]).train
+        assert tc.compile == "auto" and compiles(tc) is on, backend
+    assert compiles(load_config(LOCAL, ["train.compile=true"]).train) is True  # cpu, when asked
+    assert compiles(load_config(LOCAL, ["train.backend=cuda", "train.compile=off"]).train) is False  # YAML 1.1's off
+
+
 # (override of configs/local.yaml, what the one-line error says)
 BAD = [
     ("data.tokenizer.vocab_size=-5", "data.tokenizer.vocab_size=-5: must be at least 263 (SentencePiece needs"),
@@ -81,6 +90,8 @@ BAD = [
     ("train.precision=fp16", "train.precision='fp16': must be one of auto, bf16, fp32"),
     (("train.backend=xla", "train.fsdp=true"), "train.fsdp=true: not with train.backend=xla"),
     (("train.backend=xla", "train.compile=true"), "train.compile=true: not with train.backend=xla"),
+    ("train.compile=maybe", "train.compile='maybe': must be one of auto, true, false"),
+    ("train.compile=1", "train.compile=1: must be one of auto, true, false"),  # a number is no boolean
     ("train.preset=nope", "train.preset='nope': must be one of paper-gss, "),
     ("train.model.nope=1", "unknown config key 'train.model.nope'; allowed here: arch, d_model,"),
     ("train.model.ssm_kernal=chunked", "unknown config key 'train.model.ssm_kernal' (did you mean 'ssm_kernel'?)"),

@@ -5,8 +5,11 @@ import dataclasses
 import pytest
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from models import ARCHS, PRESETS, ModelConfig, build_model, next_token_loss
+from models import model as model_module
 
 from .seed import TEST_SEED
 from .tiny import tiny_config
@@ -31,7 +34,9 @@ def test_forward_shape_and_causality(arch):
 def test_loss_is_the_mean_negative_log_likelihood_of_the_targets():
     model = build_model(tiny_config("gss")).eval()
     ids, targets = torch.randint(0, 97, (2, 2, LENGTH))
-    logits, loss = model(ids, targets)
+    logits, _ = model(ids)
+    no_logits, loss = model(ids, targets)  # the chunked loss: the logits are never made
+    assert no_logits is None
     nll = -torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
     per_token = next_token_loss(logits, targets, reduction="none")
     assert per_token.shape == (2, LENGTH)
@@ -199,3 +204,106 @@ def test_paper_presets_have_about_the_same_size():
         with torch.device("meta"):
             counts[name] = build_model(PRESETS[name]).num_parameters()
     assert max(counts.values()) < 1.15 * min(counts.values()), counts
+
+
+# The chunked loss (models/model.py, chunked_next_token_loss) against next_token_loss on the full logits: a vocab
+# of LOSS_VOCAB in chunks of LOSS_CHUNK rows, so that 2 × LENGTH = 42 rows are 8 whole chunks and a partial one.
+LOSS_VOCAB, LOSS_CHUNK = 300, 5
+
+
+@pytest.fixture
+def small_loss_chunks(monkeypatch):
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_ELEMENTS", LOSS_CHUNK * LOSS_VOCAB)
+
+
+def loss_and_grads(model: torch.nn.Module, ids: Tensor, targets: Tensor, chunked: bool
+                   ) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
+    model.zero_grad()
+    loss = model(ids, targets)[1] if chunked else next_token_loss(model(ids)[0], targets)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def loss_inputs() -> tuple[Tensor, Tensor]:
+    ids, targets = torch.randint(0, LOSS_VOCAB, (2, 2, LENGTH))
+    targets[1, 4] = -100  # ignored, as next_token_loss (F.cross_entropy) ignores it
+    return ids, targets
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chunked_loss_and_its_gradients_are_the_full_logits_ones(arch, dtype, small_loss_chunks):
+    model = build_model(tiny_config(arch, vocab_size=LOSS_VOCAB)).to(dtype)
+    assert model.head.weight is model.embed.weight  # tied: the loss's weight gradient joins the embedding's
+    ids, targets = loss_inputs()
+    loss, grads = loss_and_grads(model, ids, targets, chunked=True)
+    expected, expected_grads = loss_and_grads(model, ids, targets, chunked=False)
+    assert loss.dtype == dtype
+    torch.testing.assert_close(loss, expected)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], msg=lambda m: f"{name}: {m}")
+    with torch.no_grad():  # the loss alone, without the gradients' work
+        torch.testing.assert_close(model(ids, targets)[1], loss, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chunked_loss_under_bf16_autocast_is_the_full_logits_one(arch, small_loss_chunks):
+    """The head's matmuls in bf16 (as nn.Linear under autocast), the loss in float32."""
+    model = build_model(tiny_config(arch, vocab_size=LOSS_VOCAB))
+    ids, targets = loss_inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = loss_and_grads(model, ids, targets, chunked=True)
+        expected, expected_grads = loss_and_grads(model, ids, targets, chunked=False)
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids, targets)[1], loss, rtol=0, atol=0)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    for name, grad in grads.items():  # bf16 products: compared relative to each gradient's size
+        scale = expected_grads[name].abs().max().item()
+        torch.testing.assert_close(grad, expected_grads[name], rtol=0, atol=0.02 * scale, msg=lambda m: f"{name}: {m}")
+
+
+def test_compiled_chunked_loss_has_no_graph_break_and_is_the_eager_one(small_loss_chunks):
+    """fullgraph=True fails on any graph break. aot_eager: Dynamo and AOTAutograd trace the custom autograd.Function
+    as Inductor's would, in seconds (Inductor's own code generation is covered by test_fsdp's compiled training)."""
+    torch._dynamo.reset()
+    model = build_model(tiny_config("transformer", vocab_size=LOSS_VOCAB))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    ids, targets = loss_inputs()
+    loss, grads = loss_and_grads(compiled, ids, targets, chunked=True)
+    expected, expected_grads = loss_and_grads(model, ids, targets, chunked=True)
+    torch.testing.assert_close(loss, expected)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name.removeprefix("_orig_mod.")], msg=lambda m: f"{name}: {m}")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, targets)[1], expected)
+    torch._dynamo.reset()
+
+
+class LargestOutput(TorchDispatchMode):
+    """The most elements any op's output has while the mode is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.numel = max([self.numel, *(t.numel() for t in tree_flatten(out)[0] if isinstance(t, Tensor))])
+        return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_training_step_never_holds_the_logits(arch, small_loss_chunks):
+    """Forward and backward: no op makes a tensor as large as the [B·L, vocab] logits (the weight and its gradient,
+    [vocab, E], are smaller here; a chunk's logits are LOSS_CHUNK rows)."""
+    model = build_model(tiny_config(arch, vocab_size=LOSS_VOCAB))
+    ids, targets = loss_inputs()
+    logits_numel = ids.numel() * LOSS_VOCAB
+    assert model.head.weight.numel() < logits_numel
+    with LargestOutput() as chunked:
+        model(ids, targets)[1].backward()
+    assert LOSS_CHUNK * LOSS_VOCAB <= chunked.numel < logits_numel
+    with LargestOutput() as full:  # the same check sees the logits where they are made
+        next_token_loss(model(ids)[0], targets).backward()
+    assert full.numel >= logits_numel

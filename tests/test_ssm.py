@@ -6,8 +6,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import build_model
-from models.ssm import (DiagonalSSM, complex_powers, conv_direct, conv_fft, scan_chunked, scan_ref, scan_step,
-                        scan_step_)
+from models.ssm import (DiagonalSSM, complex_powers, conv_direct, conv_fft, fft_size, scan_chunked, scan_ref,
+                        scan_step, scan_step_)
 
 from .seed import TEST_SEED
 from .tiny import tiny_config
@@ -23,15 +23,37 @@ def make_ssm(channels=6, state_size=12, chunk=8) -> DiagonalSSM:
 @pytest.mark.parametrize("length", [1, 7, 8, 9, 24, 45])
 def test_kernels_match_reference_float32(length):
     ssm = make_ssm()
-    u = torch.randn(3, length, 6)
+    u = torch.randn(3, 6, length)  # [B, H, L]; the scans take [B, L, H]
     W, Lambda = ssm.modes()
     reference = conv_direct(u, ssm.kernel(length), ssm.D)
     fft = conv_fft(u, ssm.kernel(length), ssm.D)
-    chunked, _ = scan_chunked(u, W, Lambda, ssm.D, chunk_size=ssm.chunk_size)
-    recurrent, _ = scan_ref(u, W, Lambda, ssm.D)
+    chunked, _ = scan_chunked(u.mT, W, Lambda, ssm.D, chunk_size=ssm.chunk_size)
+    recurrent, _ = scan_ref(u.mT, W, Lambda, ssm.D)
     scale = reference.abs().max()
-    for y in (fft, chunked, recurrent):
+    for y in (fft, chunked.mT, recurrent.mT):
         torch.testing.assert_close(y / scale, reference / scale, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("length", [1, 3, 8, 13, 64])
+def test_fft_convolution_and_its_gradients_are_the_direct_ones(length, dtype):
+    """`conv_fft`'s written-out backward (correlations with the kept spectra) against autograd through
+    `conv_direct`, for every input: u, the kernel K and the skip D folded into K's first tap."""
+    inputs = [torch.randn(3, 5, length, dtype=dtype), torch.randn(5, length, dtype=dtype), torch.randn(5, dtype=dtype)]
+    weights = torch.randn(3, 5, length, dtype=dtype)  # a loss that weighs every output differently
+    results = []
+    for conv in (conv_fft, conv_direct):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        y = conv(*leaves)
+        (y * weights).sum().backward()
+        results.append([y, *(t.grad for t in leaves)])
+    tolerance = {} if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-4)
+    for fft, direct in zip(*results):
+        torch.testing.assert_close(fft, direct, **tolerance)
+
+
+def test_fft_size_is_a_power_of_two_of_at_least_twice_the_length():
+    assert [fft_size(n) for n in (1, 2, 3, 4096, 4097, 65536)] == [2, 4, 8, 8192, 16384, 131072]
 
 
 # On and off multiples of the chunk (8); 1 to 32 chunks, odd and even counts at every level of the carry.
@@ -81,7 +103,7 @@ def test_chunked_scan_graph_grows_with_log_of_the_chunk_count():
     ssm = make_ssm(chunk=4)
     counts = []
     for n_chunks in (4, 8, 16, 32, 64, 128):
-        u = torch.randn(1, 4 * n_chunks, 6, requires_grad=True)
+        u = torch.randn(1, 6, 4 * n_chunks, requires_grad=True)
         with CountOps() as ops:
             y, state = ssm(u, ssm.init_state(1))
             (y.sum() + state.sum()).backward()
@@ -102,19 +124,19 @@ def test_kernel_is_the_dss_formula():
 
 def test_step_and_state_carry_match_parallel():
     ssm = make_ssm().double()
-    u = torch.randn(2, 29, 6, dtype=torch.float64)
+    u = torch.randn(2, 6, 29, dtype=torch.float64)
     parallel, _ = ssm(u)
     # recurrence, one token at a time
     state, outputs = ssm.init_state(2), []
     for t in range(29):
-        outputs.append(ssm.step(u[:, t], state))  # the state moves on in place
-    torch.testing.assert_close(torch.stack(outputs, 1), parallel)
+        outputs.append(ssm.step(u[..., t], state))  # the state moves on in place
+    torch.testing.assert_close(torch.stack(outputs, -1), parallel)
     # pieces of uneven length carrying the state reproduce both the output and the final state
     piece_state, pieces = ssm.init_state(2), []
     for start, end in [(0, 5), (5, 21), (21, 29)]:
-        y, piece_state = ssm(u[:, start:end], piece_state)
+        y, piece_state = ssm(u[..., start:end], piece_state)
         pieces.append(y)
-    torch.testing.assert_close(torch.cat(pieces, 1), parallel)
+    torch.testing.assert_close(torch.cat(pieces, -1), parallel)
     torch.testing.assert_close(piece_state, state)
 
 
@@ -135,7 +157,7 @@ def test_the_in_place_step_is_the_reference_step():
 
 def test_fft_runs_in_float32_under_bf16_autocast():
     ssm = DiagonalSSM(4, 8, kernel="fft")
-    u = torch.randn(1, 16, 4)
+    u = torch.randn(1, 4, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, _ = ssm(u.bfloat16())
     exact, _ = ssm(u.bfloat16().float())
@@ -144,7 +166,7 @@ def test_fft_runs_in_float32_under_bf16_autocast():
 
 
 def test_gradients_match_between_kernels():
-    u = torch.randn(2, 20, 6)
+    u = torch.randn(2, 6, 20)
     grads = {}
     for method in ("fft", "chunked"):
         torch.manual_seed(TEST_SEED)
@@ -169,11 +191,11 @@ def test_float32_stays_accurate_at_long_lengths(record_property):
         ssm.Lambda_re.uniform_(-9.0, 0.0)
     exact = DiagonalSSM(4, 64).double()
     exact.load_state_dict(ssm.state_dict())
-    u = torch.randn(1, 16384, 4)
+    u = torch.randn(1, 4, 16384)
     reference = conv_fft(u.double(), exact.kernel(16384), exact.D)
     W, Lambda = ssm.modes()
     fft = conv_fft(u, ssm.kernel(16384), ssm.D)
-    chunked, _ = scan_chunked(u, W, Lambda, ssm.D, chunk_size=ssm.chunk_size)
+    chunked = scan_chunked(u.mT, W, Lambda, ssm.D, chunk_size=ssm.chunk_size)[0].mT
     scale = reference.abs().max()
     for name, y in (("fft", fft), ("chunked", chunked)):
         error = ((y.double() - reference).abs().max() / scale).item()

@@ -9,8 +9,23 @@ import torch
 from models import build_model
 from pipeline.config import TrainConfig, load_config
 from pipeline.dataset import TrainRows, dataset_dir
-from pipeline.train import TrainingError, learning_rate, make_optimizer, no_weight_decay, train_stage
-from tests.corpus import as_overrides, metric_steps, prepared, run_config, train_killing_a_worker, train_run
+from pipeline.train import (
+    COMPILE_KEYS,
+    TrainingError,
+    learning_rate,
+    make_optimizer,
+    no_weight_decay,
+    train_stage,
+)
+from tests.corpus import (
+    TINY_MODEL,
+    as_overrides,
+    metric_steps,
+    prepared,
+    run_config,
+    train_killing_a_worker,
+    train_run,
+)
 from tests.tiny import tiny_config
 
 
@@ -119,6 +134,41 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_in_the_same_mlflow_run
     assert run.info.status == "FINISHED" and max(metric_steps(run, "loss")) == 300
     resumed = list(metric_steps(run, "resumed_at_step"))
     assert resumed and resumed[0] % 20 == 0  # from a checkpoint
+
+
+def test_a_compiled_run_reports_its_compile_and_a_later_run_finds_the_graphs_in_the_cache(corpus, capsys,
+                                                                                          record_property):
+    """train.compile=true on the cpu (off there by default): the run logs torch.compile's time and Inductor's cache
+    lookups right after its first step, and the driver says them on the terminal. Inductor's cache is under the root,
+    so a second run (as a restart on a fresh node would) finds every graph there. A model with no layers (embedding,
+    norm, head): a cold compile of the tiny model's two layers alone takes about a minute on 2 CPU cores."""
+    def compiled_run(name: str) -> tuple[dict[str, dict[int, float]], str]:
+        tree = run_config(corpus / "out", corpus / "corpus", name, steps=2, num_workers=1, global_batch_tokens=256,
+                          compile=True, log_every=1, eval_every=1000, checkpoint_every=1000)
+        tree["train"]["model"] = {**TINY_MODEL, "n_layers": 0}
+        train_stage(load_config(None, as_overrides(tree)))
+        run = train_run(corpus, name)
+        return {key: metric_steps(run, key) for key in COMPILE_KEYS}, capsys.readouterr().out
+
+    def line(logged: dict[str, dict[int, float]]) -> str:  # what the driver says: the first step's compile
+        seconds, hits, misses = (logged[key][1] for key in COMPILE_KEYS)
+        return (f"[train] torch.compile compiled the model in {seconds:.1f} s; Inductor's cache had {hits:.0f} of its "
+                f"{hits + misses:.0f} graphs\n")
+
+    first, said = compiled_run("compiled")
+    record_property("compile_seconds_cold", first["compile_seconds"][2])  # training and validation graphs
+    assert first["compile_seconds"][1] > 0 and first["fx_graph_cache_misses"][1] > 0  # the training graphs
+    assert first["fx_graph_cache_hits"][2] == 0
+    assert first["fx_graph_cache_misses"][2] > first["fx_graph_cache_misses"][1]  # and validation's, at the last step
+    assert line(first) in said and "had 0 of its" in line(first), said
+    assert any((corpus / "out" / "inductor_cache" / "fxgraph").iterdir())
+
+    again, said = compiled_run("compiled-again")
+    record_property("compile_seconds_cached", again["compile_seconds"][2])
+    assert again["fx_graph_cache_misses"][2] == 0  # every graph, the validation's too, came from the first run
+    assert again["fx_graph_cache_hits"][2] == first["fx_graph_cache_misses"][2]
+    graphs = first["fx_graph_cache_misses"][1]
+    assert line(again) in said and f"had {graphs:.0f} of its {graphs:.0f} graphs" in line(again), said
 
 
 def test_a_diverging_loss_stops_with_a_clear_error(corpus):
