@@ -90,9 +90,11 @@ class GSSBlock(SSMBlock):
         self.register_load_state_dict_pre_hook(merge_input_projections)
 
     def mix(self, x: Tensor, run_ssm: Callable[[Tensor], tuple[Tensor, Any]]) -> tuple[Tensor, Any]:
-        v, u = F.gelu(self.to_gate_and_ssm(self.norm(x))).split(self.widths, dim=-1)
-        y, state = run_ssm(self.ssm_norm(u))
-        return x + self.out(self.ssm_out(y) * v), state
+        gate, ssm_in = self.to_gate_and_ssm(self.norm(x)).split(self.widths, dim=-1)
+        # GELU after the split: compiled, each fuses into its consumer (the gating multiply, the SSM's LayerNorm)
+        # instead of the whole [B, L, F + H] being written once more
+        y, state = run_ssm(self.ssm_norm(F.gelu(ssm_in)))
+        return x + self.out(self.ssm_out(y) * F.gelu(gate)), state
 
 
 def merge_input_projections(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *_: Any) -> None:
@@ -456,11 +458,9 @@ def _linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, rows:
     valid = targets != IGNORE_INDEX
     share = valid.to(exact) / valid.sum()  # each row's weight in the mean: a tensor, no .item() (no sync, no break)
     picks = targets.clamp(min=0)[:, None]  # an ignored row picks class 0, then weighs 0
-    classes = torch.arange(weight.shape[0], device=hidden.device)
     loss = hidden.new_zeros((), dtype=exact)
     grad_hidden = torch.empty_like(hidden) if with_grads else None
-    grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32)) if with_grads \
-        else None  # fmt: skip
+    grad_weight = None  # the first chunk's product (no zeros to add it to), then each chunk's added, in float32 at least
     for start in range(0, hidden.shape[0], rows):
         h, pick, row_share = hidden[start : start + rows], picks[start : start + rows], share[start : start + rows]
         logits = F.linear(h, weight)  # under bf16 autocast in bf16, as the head's nn.Linear
@@ -471,14 +471,22 @@ def _linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, rows:
         exps = z.sub_(top).exp_()
         sums = exps.sum(-1, keepdim=True)
         loss = loss + ((top[:, 0] + sums[:, 0].log() - picked) * row_share).sum()
-        if grad_hidden is None or grad_weight is None:  # no gradient wanted
+        if grad_hidden is None:  # no gradient wanted
             continue
-        # d loss / d logits = (softmax - one-hot) * the row's share: in place, but for the one-hot, a comparison (a
-        # scatter would keep Inductor from fusing the chunk's pointwise work into one pass)
+        # d loss / d logits = (softmax - one-hot) * the row's share, in place. Eager, the one-hot is a scatter, one
+        # element per row; compiled, a comparison, which Inductor fuses into the chunk's one pointwise pass (a scatter
+        # would stay an eager op after it, and the pass would write the whole chunk twice).
         probs = exps.mul_(row_share[:, None] / sums)
-        grad_logits = torch.where(classes == pick, probs - row_share[:, None], probs).to(logits.dtype)
+        if torch.compiler.is_compiling():
+            one_hot = torch.arange(probs.shape[1], device=probs.device) == pick
+            probs = torch.where(one_hot, probs - row_share[:, None], probs)
+        else:
+            probs = probs.scatter_add_(1, pick, -row_share[:, None])
+        grad_logits = probs.to(logits.dtype)
         grad_hidden[start : start + rows] = grad_logits @ weight
-        if grad_weight.dtype == grad_logits.dtype:
+        if grad_weight is None:
+            grad_weight = (grad_logits.mT @ h).to(torch.promote_types(weight.dtype, torch.float32))
+        elif grad_weight.dtype == grad_logits.dtype:
             grad_weight.addmm_(grad_logits.mT, h)  # in place: no [vocab, E] temporary per chunk
         else:
             grad_weight += grad_logits.mT @ h  # autocast's bf16 product, summed over the chunks in float32
