@@ -115,9 +115,10 @@ def _spectral_product(a: Tensor, b: Tensor, conjugate_b: bool = False, sum_batch
 class _FFTConv(torch.autograd.Function):
     """y = causal_conv(u, K) for u [B, H, L], K [H, L], with a backward written out (H3's fftconv):
     grad_u = corr(grad_y, K) and grad_K = sum_b corr(grad_y, u), correlations being products with the conjugate
-    spectrum. The spectra of u and K are kept from the forward, so a forward + backward runs 5 transforms of
-    [B, H, n] (autograd's would run 6, some of them complex-to-complex, and complex multiplies and copies that
-    Inductor leaves to eager); grad_K is summed over the batch before its inverse transform."""
+    spectrum. The spectra of u and K are kept from the forward, and grad_K is summed over the batch before its
+    inverse transform: a forward + backward runs 4 transforms of [B, H, n] and 2 of [H, n], all real-to-complex or
+    complex-to-real, with real arithmetic between them (autograd's backward runs complex-to-complex transforms,
+    conjugates, complex multiplies and copies, which Inductor leaves to eager)."""
 
     @staticmethod
     def forward(ctx, u: Tensor, K: Tensor) -> Tensor:
