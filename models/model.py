@@ -415,17 +415,16 @@ LOSS_CHUNK_ELEMENTS = 2**25
 IGNORE_INDEX = -100  # F.cross_entropy's default, which next_token_loss keeps
 
 
-def chunked_next_token_loss(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int | None = None
-                            ) -> Tensor:  # fmt: skip
+def chunked_next_token_loss(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
     """next_token_loss(F.linear(hidden, weight), targets) without the logits: hidden [B, L, E], weight [vocab, E],
     targets [B, L] (-100: ignored), the mean cross-entropy, in at least float32.
 
-    The logits are made `chunk_rows` rows at a time (default: LOSS_CHUNK_ELEMENTS // vocab) and dropped. When a
+    The logits are made LOSS_CHUNK_ELEMENTS // vocab rows at a time and dropped. When a
     gradient is needed, each chunk's gradient is computed in the same pass (`_LinearCrossEntropy`); under
     torch.no_grad it is not.
     """
     hidden, targets = hidden.flatten(0, 1), targets.flatten()
-    rows = chunk_rows or max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
+    rows = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, rows)
     return _linear_cross_entropy(hidden, weight, targets, rows, with_grads=False)[0]
@@ -460,7 +459,7 @@ def _linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, rows:
     picks = targets.clamp(min=0)[:, None]  # an ignored row picks class 0, then weighs 0
     loss = hidden.new_zeros((), dtype=exact)
     grad_hidden = torch.empty_like(hidden) if with_grads else None
-    grad_weight = None  # the first chunk's product (no zeros to add it to), then each chunk's added, in float32 at least
+    grad_weight = None  # the first chunk's product (no zeros to add to), then each chunk's added; float32 at least
     for start in range(0, hidden.shape[0], rows):
         h, pick, row_share = hidden[start : start + rows], picks[start : start + rows], share[start : start + rows]
         logits = F.linear(h, weight)  # under bf16 autocast in bf16, as the head's nn.Linear

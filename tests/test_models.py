@@ -265,7 +265,7 @@ def test_chunked_loss_under_bf16_autocast_is_the_full_logits_one(arch, small_los
 
 def test_compiled_chunked_loss_has_no_graph_break_and_is_the_eager_one(small_loss_chunks):
     """fullgraph=True fails on any graph break. aot_eager: Dynamo and AOTAutograd trace the custom autograd.Function
-    as Inductor's would, in seconds (Inductor's own code generation is covered by test_fsdp's compiled training)."""
+    as Inductor's would, in seconds (Inductor's code: tests/test_train_step.py and test_fsdp's compiled training)."""
     torch._dynamo.reset()
     model = build_model(tiny_config("transformer", vocab_size=LOSS_VOCAB))
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
