@@ -19,13 +19,28 @@ def _seed():
 def ray_cluster():
     """A real local Ray cluster, shared by the tests that need one; its dashboard serves `gss submit`."""
     import ray
+    from ray._private.parameter import RayParams
 
     from pipeline.cluster import connect
     from pipeline.config import RayConfig
 
-    connect(RayConfig(num_cpus=2, dashboard=True))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RayParams, "__init__", _dashboard_agent_on_a_free_port(RayParams.__init__))
+        connect(RayConfig(num_cpus=2, dashboard=True))
     yield
     ray.shutdown()
+
+
+def _dashboard_agent_on_a_free_port(init):
+    """`init` with the dashboard agent's port None unless given, which Ray makes a free port (as `ray.cluster_utils`
+    does for its worker nodes). `ray.init` has no argument for it and leaves it on Ray's fixed 52365: with the two
+    lanes of `make test` side by side, each with a cluster, the second agent found it taken and never served, and
+    `gss submit` had no job agent to hand its job to."""
+
+    def init_on_a_free_port(self, *args, dashboard_agent_listen_port=None, **kwargs):
+        init(self, *args, dashboard_agent_listen_port=dashboard_agent_listen_port, **kwargs)
+
+    return init_on_a_free_port
 
 
 @pytest.fixture(scope="session")
