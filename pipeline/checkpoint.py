@@ -9,6 +9,12 @@ onto any number of workers, sharded or not). Every rank hands its folder to Ray 
 which copies them into one folder of the run's storage (local or gs://) and registers it only once every
 rank's part is there; `load` reads with `weights_only=True`.
 
+Verified before use: each rank that writes files lists them (size and sha256) in `contents-rank-NNNNN.json`,
+written last, after its data; rank 0's list also says how many ranks' lists make the whole checkpoint. `restore`
+checks the lists first (`damage`), so a checkpoint cut short by a full disk or a copy that stopped is found
+before anything loads, and `Checkpointer.restore` goes back to the newest whole checkpoint that Ray Train keeps
+(`train.keep_checkpoints`), or to step 0, instead of failing on it once per worker-group restart.
+
 When: every `train.checkpoint_every` steps, every `train.checkpoint_minutes` minutes, at the last step, and at
 the first step after a worker is told to go (a SIGTERM, e.g. a Spot VM's preemption, or Ray Train's own
 preemption notice), so that a preempted run loses no step (`Checkpointer`).
@@ -16,6 +22,9 @@ preemption notice), so that a preempted run loses no step (`Checkpointer`).
 
 from __future__ import annotations
 
+import glob
+import hashlib
+import json
 import os
 import signal
 import tempfile
@@ -31,6 +40,12 @@ from pipeline.storage import filesystem, join
 
 STATE = "state.pt"
 SHARDS = "shards"
+CONTENTS, ALL_CONTENTS = "contents-rank-{rank:05d}.json", "contents-rank-*.json"
+VERIFY_CHUNK = 2**24  # bytes hashed at a time: a checkpoint file may be larger than the memory left
+
+
+class UnreadableCheckpoint(RuntimeError):
+    """A checkpoint folder that does not hold what it says it holds (cut short, changed), or does not load."""
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -65,11 +80,76 @@ def save(folder: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
         tmp = os.path.join(folder, STATE + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, os.path.join(folder, STATE))
+    if os.listdir(folder):
+        _write_contents(folder, rank, dist.get_world_size() if is_sharded(model) else 1)
+
+
+def _write_contents(folder: str, rank: int, parts: int) -> None:
+    """List this rank's files in `folder` (all of them: each rank writes into a folder of its own, which Ray Train
+    merges with the others' in storage), after they are written. Rank 0's list says how many lists there are."""
+    files = {os.path.relpath(path, folder): _file_record(path)
+             for path in sorted(glob.glob(os.path.join(folder, "**"), recursive=True)) if os.path.isfile(path)}
+    contents = {"files": files, **({"parts": parts} if rank == 0 else {})}
+    with open(os.path.join(folder, CONTENTS.format(rank=rank)), "w") as f:
+        json.dump(contents, f, indent=1)
+
+
+def _file_record(path: str) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(VERIFY_CHUNK):
+            digest.update(chunk)
+    return {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def damage(folder: str) -> str | None:
+    """What is wrong with the checkpoint in `folder`, in a few words; None if it is whole: every rank's contents
+    list is there and every file it names has its size and sha256. A folder written before the lists existed
+    has none and passes (loading it is its only test)."""
+    listed = glob.glob(os.path.join(folder, ALL_CONTENTS))
+    if not listed:
+        return None
+    try:
+        lists = {path: _read_json(path) for path in listed}
+    except (OSError, ValueError) as e:
+        return f"a contents list does not read ({e})"
+    first = lists.get(os.path.join(folder, CONTENTS.format(rank=0)))
+    if first is None or len(lists) != first["parts"]:
+        return f"{len(lists)} of {first['parts'] if first else '?'} ranks' contents lists are there"
+    for contents in lists.values():
+        for name, expected in contents["files"].items():
+            if problem := _file_damage(folder, name, expected):
+                return problem
+    return None
+
+
+def _file_damage(folder: str, name: str, expected: dict[str, Any]) -> str | None:
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        return f"{name} is missing"
+    if os.path.getsize(path) != expected["bytes"]:
+        return f"{name} holds {_size(os.path.getsize(path))} of {_size(expected['bytes'])}"
+    if _file_record(path)["sha256"] != expected["sha256"]:
+        return f"{name} differs from what was written (sha256)"
+    return None
+
+
+def _read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:,.1f} MB" if n >= 2**20 else f"{n:,} bytes"
 
 
 def restore(folder: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Load a checkpoint folder into model and optimizer, as they are after `Backend.wrap`; returns its state.
-    Shards go through `torch.distributed.checkpoint`, which reshards them for this run's workers."""
+    Shards go through `torch.distributed.checkpoint`, which reshards them for this run's workers. Raises
+    UnreadableCheckpoint, before anything is loaded, for a folder that is not whole (`damage`)."""
+    problem = damage(folder)
+    if problem:
+        raise UnreadableCheckpoint(problem)
     state = load(folder)
     shards = os.path.join(folder, SHARDS)
     if os.path.isdir(shards):
@@ -95,17 +175,25 @@ def restore(folder: str, model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 
 def load(folder: str) -> dict[str, Any]:
-    """A local checkpoint folder's state (tensors on the CPU)."""
-    return torch.load(os.path.join(folder, STATE), map_location="cpu", weights_only=True)
+    """A local checkpoint folder's state (tensors on the CPU); UnreadableCheckpoint if the file does not load."""
+    try:
+        return torch.load(os.path.join(folder, STATE), map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # what a cut or changed zip file gives
+        raise UnreadableCheckpoint(f"{STATE} does not load ({' '.join(str(e).split())[:200]})") from None
 
 
 def read(url: str) -> dict[str, Any] | None:
-    """The state of a checkpoint folder anywhere fsspec reaches (local, gs://); None if it holds no checkpoint."""
+    """The state of a checkpoint folder anywhere fsspec reaches (local, gs://); None if it holds no checkpoint.
+    Checked against rank 0's contents list where there is one (UnreadableCheckpoint)."""
     fs, path = filesystem(url)
     if not fs.exists(join(path, STATE)):
         return None
     with tempfile.TemporaryDirectory() as tmp:
         fs.get(join(path, STATE), os.path.join(tmp, STATE))
+        listed = join(path, CONTENTS.format(rank=0))
+        expected = json.loads(fs.cat_file(listed))["files"][STATE] if fs.exists(listed) else None
+        if expected and (problem := _file_damage(tmp, STATE, expected)):
+            raise UnreadableCheckpoint(problem)
         return load(tmp)
 
 
@@ -171,21 +259,27 @@ class Checkpointer:
         self.ranks = _Ranks(ray.train.get_context().get_world_size())
         self.stopping = False  # a worker got SIGTERM: stop after this step's save
         self.noticed = False  # Ray Train's preemption notice came (and was saved for): it is not asked again
+        self.skipped: list[str] = []  # `restore`'s lines on the checkpoints it could not use, for the user
         _on_main_thread(_stop_on_sigterm)
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-        """Load the latest checkpoint of this run, if any, into model and optimizer; returns its step (or 0)."""
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if not checkpoint:
-            return 0
-        with checkpoint.as_directory() as folder:
-            state = restore(folder, model, optimizer)
-        torch.set_rng_state(state["rng"])
-        if self.rank == 0:
-            print(f"resumed from {checkpoint.path} at step {state['step']}", flush=True)
-        return state["step"]
+        """Load the newest whole checkpoint of this run, if any, into model and optimizer; returns its step (or 0).
+        Each one skipped on the way, Ray Train's latest first, is a line in `skipped` (every rank reads the same
+        files, so every rank skips the same ones)."""
+        saved = _saved_checkpoints()
+        for checkpoint, step in saved:
+            with checkpoint.as_directory() as folder:
+                try:
+                    state = restore(folder, model, optimizer)
+                except UnreadableCheckpoint as e:
+                    self.skipped.append(f"the checkpoint of step {step} ({checkpoint.path}) is unreadable ({e}): "
+                                        "training goes on from the newest whole one")
+                    continue
+            torch.set_rng_state(state["rng"])
+            return state["step"]
+        if saved:
+            self.skipped.append("no whole checkpoint is left: training starts again from step 0")
+        return 0
 
     def should_save(self, step: int) -> bool:
         """Whether to save after optimizer step `step`: the same answer on every rank (call it once per step)."""
@@ -216,6 +310,20 @@ class Checkpointer:
             self.ranks.max([0])  # a barrier: every rank's report is queued before any rank stops
             raise Stopped(f"a worker got SIGTERM: stopped after saving the checkpoint of step {step}, "
                           "for Ray Train to restart the workers from it")
+
+
+def _saved_checkpoints() -> list[tuple[Any, int]]:
+    """(checkpoint, step) of each checkpoint Ray Train keeps for this run: its latest first, then the others,
+    newest step first."""
+    import ray.train
+    from ray.train import CheckpointConsistencyMode
+
+    latest = ray.train.get_checkpoint()
+    if not latest:
+        return []
+    reported = ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
+    return sorted(((r.checkpoint, r.metrics["step"]) for r in reported),
+                  key=lambda saved: (saved[0].path != latest.path, -saved[1]))
 
 
 class _Ranks:

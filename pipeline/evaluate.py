@@ -29,7 +29,7 @@ from tqdm import tqdm
 from models import LanguageModel, ModelConfig, build_model, next_token_loss
 from pipeline import checkpoint
 from pipeline.config import RunConfig
-from pipeline.dataset import dataset_dir, eval_documents, is_complete, load_manifest
+from pipeline.dataset import check_shards, dataset_dir, eval_documents, is_complete, load_manifest
 from pipeline.lease import hold_lease
 from pipeline.tracking import Tag, default_model_uri, resolve_model_uri, tag_is
 
@@ -201,7 +201,11 @@ def load_model(ref: str) -> LoadedModel:
         return LoadedModel(model, f"models:/{name}/{version.version}", version.tags.get(Tag.DATASET, ""),
                            version.tags.get(Tag.TOKENIZER_SHA256, ""), version.run_id or "")
 
-    state = checkpoint.read(ref)
+    try:
+        state = checkpoint.read(ref)
+    except checkpoint.UnreadableCheckpoint as e:
+        raise EvalError(f"the checkpoint {ref} is unreadable: {e}; give another one (the training run's "
+                        "checkpoints.txt in MLflow lists them) or the registered model") from None
     if state is None:
         raise EvalError(f"{ref} is not a `gss train` checkpoint (no {checkpoint.STATE}); give a checkpoint folder "
                         "(see the MLflow run's checkpoints.txt) or an MLflow model URI")
@@ -238,6 +242,7 @@ def evaluate(cfg: RunConfig, loaded: LoadedModel, todo: dict[str, list[int]] | N
     for split, lengths in todo.items():
         if split not in manifest["splits"]:
             raise EvalError(f"split {split!r} is not in {dataset} (it has {', '.join(manifest['splits'])})")
+        check_shards(dataset, [split])  # every shard, not only those max_documents reaches: before any scoring
         docs[split] = eval_documents(dataset, split, limit=ec.max_documents or None)
         longest = max(len(d["tokens"]) for d in docs[split])
         kept = [n for n in sorted(lengths) if n <= longest or n == min(lengths)]  # longer: whole documents again

@@ -59,6 +59,7 @@ def route_library_logs(root: str) -> str:
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, LOG_FILE)
     native_stderr_to(path)
+    logging.raiseExceptions = False  # a log line that a full disk refuses is lost, not printed as "Logging error"
     to_file = logging.FileHandler(path)
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     to_terminal = logging.StreamHandler(sys.stderr)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import shutil
 import posixpath
 import re
 import uuid
@@ -29,6 +32,8 @@ def explain(url: str, error: BaseException) -> str:
     protocol, path = fsspec.core.split_protocol(url)
     bucket = path.split("/", 1)[0]
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{url}: {disk_full(url)}"
     if protocol in (None, "file", "local"):
         return f"{url}: {type(error).__name__}: {text}"
     if isinstance(error, FileNotFoundError):
@@ -46,6 +51,22 @@ def explain(url: str, error: BaseException) -> str:
     return f"{url}: {type(error).__name__}: {text}"
 
 
+def disk_full(url: str) -> str:
+    """What a full disk (or an exhausted quota) under `url` means, and what to do."""
+    where = url if "://" in url else os.path.abspath(url)
+    while "://" not in where and not os.path.exists(where):
+        where = os.path.dirname(where)
+    if "://" in where:
+        return "the bucket's quota is exhausted (no space left): raise it or free space in the bucket"
+    usage = shutil.disk_usage(where)
+    return (f"the disk holding it is full ({usage.free / 2**20:,.1f} MB free of {usage.total / 2**20:,.0f} MB): free "
+            "space there, or point root at a bigger disk")
+
+
+FULL_DISK = ("No space left on device", "database or disk is full", "Disk quota exceeded")
+"""How a full disk reads in errors that carry it only as text: Ray's remote tracebacks, SQLite's (MLflow's store)."""
+
+
 def storage_failure(error: BaseException) -> OSError | None:
     """The OSError behind `error` (itself, or one of its causes), if it failed on I/O; else None. Ray's errors
     from tasks and actors may carry the remote traceback as text only, so that text is read too."""
@@ -59,6 +80,8 @@ def storage_failure(error: BaseException) -> OSError | None:
         if isinstance(error, OSError):
             return error
         seen.add(id(error))
+        if any(sign in str(error) for sign in FULL_DISK):
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         if type(error).__module__.startswith("ray."):
             texts.append(str(error))
         todo += [getattr(error, "cause", None), getattr(error, "controller_failure", None),  # Ray, Ray Train
@@ -104,9 +127,14 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     if isinstance(fs, LocalFileSystem):
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        fs.mv(tmp, path)
+        try:
+            with fs.open(tmp, "wb") as f:
+                f.write(data)
+            fs.mv(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):  # a full disk leaves no half-written file behind
+                os.remove(tmp)
+            raise
     else:
         fs.pipe_file(path, data)
 

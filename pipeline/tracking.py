@@ -39,6 +39,7 @@ class Tag:
     MAX_DOCUMENTS = "gss.max_documents"  # eval: how many documents per split were scored (0: all)
     EVAL_DONE = "gss.eval_done"  # eval: the split:length pairs covered, set as the run's last act
     XLA_FALLBACKS = "gss.xla_fallbacks"  # training on XLA: ops that ran on the host, with counts
+    NOTICE = "gss.notice."  # + the time in ns: a training worker's line for the user, which the driver prints
 
 
 ALIAS = "current"  # the alias `gss train` moves to each newly registered version (`latest` is reserved)

@@ -42,7 +42,15 @@ from pipeline.config import (
     model_config,
     to_dict,
 )
-from pipeline.dataset import TOKENIZER, TrainRows, dataset_dir, eval_windows, load_manifest, read_tokenizer_file
+from pipeline.dataset import (
+    TOKENIZER,
+    TrainRows,
+    check_shards,
+    dataset_dir,
+    eval_windows,
+    load_manifest,
+    read_tokenizer_file,
+)
 from pipeline.lease import hold_lease
 from pipeline.logs import printed_to_log
 from pipeline.storage import (
@@ -238,6 +246,12 @@ class MetricsLogger:
         """Mark a restart from the checkpoint at `step` (the driver prints it)."""
         self._log(step, {"resumed_at_step": step})
 
+    def notice(self, line: str) -> None:
+        """A line for the user: the driver prints it (workers' own output stays in Ray's logs)."""
+        _say(line)
+        if self.sender:
+            self.sender.set_tag(f"{Tag.NOTICE}{time.time_ns()}", line)
+
     def compiled(self, step: int) -> None:
         """After this worker's first step, which compiled the model (torch.compile and XLA are lazy): the compile
         counts at once, not at the next report (the driver prints torch.compile's time)."""
@@ -291,6 +305,8 @@ def train_loop(payload: dict[str, Any]) -> None:
     validator = Validator(payload["dataset"], tc, backend, rank, world, batches.seq_len)
     metrics = MetricsLogger(tc, backend, batches.step_rows * batches.seq_len, step,
                             (payload["tracking_uri"], payload["run_id"]) if rank == 0 else None)
+    for line in checkpointer.skipped:
+        metrics.notice(line)
     if step:
         metrics.resumed(step)
     first_step = step
@@ -353,6 +369,7 @@ def _train_stage(cfg: RunConfig) -> dict[str, Any]:
 
     dataset = dataset_dir(cfg)
     manifest = load_manifest(dataset)  # a clear error if `gss prepare` has not completed
+    check_shards(dataset, ["train", "validation"])  # what the workers read: every byte once, before any starts
     model_cfg = model_config(cfg, manifest["tokenizer"]["vocab_size"])
     step_rows, _ = batch_layout(cfg.train, manifest["seq_len"])
     tc = cfg.train
@@ -388,7 +405,8 @@ def _train_stage(cfg: RunConfig) -> dict[str, Any]:
                               finishing, compiled=compiles(tc)):
             result = trainer.fit()
     except Exception as e:
-        client.set_terminated(run.info.run_id, "FAILED")
+        with contextlib.suppress(Exception):  # its store may be on the disk that filled: the error to say is `e`
+            client.set_terminated(run.info.run_id, "FAILED")
         if storage_failure(e) is not None:  # the storage itself is gone, not the training: `gss` says what to do
             raise
         raise TrainingError(f"training failed after {tc.max_failures} restarts: {e}") from e
@@ -473,7 +491,8 @@ def _trainer(cfg: RunConfig, payload: dict[str, Any]):
 class TrainingProgress:
     """The driver's progress bar, fed by what rank 0 logs to MLflow (the workers' own output stays in Ray's logs).
     Once the last step is in, the bar says what training still waits for (`finishing`), so that a full bar whose
-    clock goes on is never silent; while MLflow does not answer, the bar says since when. With torch.compile
+    clock goes on is never silent; while MLflow does not answer, the bar says since when. The workers' notices
+    (`MetricsLogger.notice`: a checkpoint they could not use) are printed as they come. With torch.compile
     (`compiled`), it says once what the workers' first compile took and how much of it Inductor's cache had."""
 
     def __init__(self, tracking_uri: str, run_id: str, steps: int, tokens_per_step: int, finishing: str,
@@ -483,6 +502,7 @@ class TrainingProgress:
         self.client, self.tracking_uri, self.run_id, self.steps, self.tokens_per_step, self.finishing, self.poll_s = \
             MlflowClient(tracking_uri), tracking_uri, run_id, steps, tokens_per_step, finishing, poll_s
         self.started_ms = self.since_ms = int(time.time() * 1000)
+        self.notices_until_ns = time.time_ns()  # the workers' notices printed so far: none of an earlier driver's
         self.compile_pending = compiled  # torch.compile's time, to say once this driver's workers have logged it
         self.stop = threading.Event()
         self.unreachable_since: str | None = None
@@ -544,15 +564,21 @@ class TrainingProgress:
             try:
                 compile_logs = {key: self.client.get_metric_history(self.run_id, key)
                                 for key in COMPILE_KEYS} if self.compile_pending else {}
-                reading.set_result((self.client.get_run(self.run_id).data.metrics,
-                                    self.client.get_metric_history(self.run_id, "resumed_at_step"), compile_logs))
+                run = self.client.get_run(self.run_id).data
+                restarts = self.client.get_metric_history(self.run_id, "resumed_at_step")
+                reading.set_result((run.metrics, run.tags, restarts, compile_logs))
             except Exception as e:  # noqa: BLE001 - handed to the waiting _update
                 reading.set_exception(e)
 
         threading.Thread(target=read, daemon=True).start()
         return reading
 
-    def _show(self, metrics: dict[str, float], restarts: list, compile_logs: dict[str, list]) -> None:
+    def _show(self, metrics: dict[str, float], tags: dict[str, str], restarts: list,
+              compile_logs: dict[str, list]) -> None:
+        notices = {int(key.removeprefix(Tag.NOTICE)): line for key, line in tags.items() if key.startswith(Tag.NOTICE)}
+        for ns in sorted(ns for ns in notices if ns > self.notices_until_ns):
+            self.bar.write(f"[train] {notices[ns]}")
+            self.notices_until_ns = ns
         for restart in restarts:
             if restart.timestamp >= self.since_ms:
                 self.bar.write(f"[train] resumed from the checkpoint at step {restart.step}")

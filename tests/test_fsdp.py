@@ -77,6 +77,10 @@ def test_the_checkpoint_holds_every_ranks_shard_and_the_registered_model_is_thei
     folder = whole["checkpoint"]
     shards = sorted(os.listdir(os.path.join(folder, checkpoint.SHARDS)))
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # written by rank 0 and by rank 1
+    # each rank listed its own files, and rank 0 says there are two lists: the folder is whole only with both
+    assert sorted(f for f in os.listdir(folder) if f.startswith("contents")) == ["contents-rank-00000.json",
+                                                                                "contents-rank-00001.json"]
+    assert checkpoint.damage(folder) is None
     state = checkpoint.load(folder)
     assert_same_weights(state["model"], whole["weights"], rtol=0, atol=0)  # state.pt: gathered onto rank 0
     # the shards read back here, in one process with no process group, into a fresh unsharded model

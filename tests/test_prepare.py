@@ -1,21 +1,28 @@
 """`gss prepare` on a real local Ray cluster with real SentencePiece, Parquet and MLflow."""
 
+import hashlib
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import load_config
+from pipeline.config import RunConfig, load_config
 from pipeline.dataset import (
     COMPLETE,
     MANIFEST,
     DatasetError,
+    TrainRows,
     dataset_dir,
     eval_documents,
     eval_windows,
     load_manifest,
+    parquet_bytes,
     train_rows_table,
+    verify_shards,
 )
 from pipeline.prepare import PrepareError, prepare, prepare_stage
 from pipeline.tokenizer import Tokenizer
@@ -173,7 +180,8 @@ def test_manifest_counts_and_lists_skips(prepared):
     assert train["words"] == 0  # words are counted where word-level perplexity needs them: validation, test
     assert manifest["splits"]["test"]["words"] == sum(len(t.split()) for t in texts["test"])
     dataset = Path(dataset_dir(cfg))
-    assert (dataset / COMPLETE).exists() and not (dataset / "_work").exists()
+    assert (dataset / COMPLETE).exists() and not (dataset / "_work" / "units").exists()
+    assert len(list((dataset / "_work" / "tails").iterdir())) == len(train["unit_tail_tokens"])  # kept for repairs
     assert load_manifest(str(dataset))["splits"] == manifest["splits"]
 
 
@@ -291,3 +299,187 @@ def test_tokenizer_sample_is_the_same_wherever_the_corpus_lives(books, tmp_path)
     assert samples[0] == samples[1] and 0 < len(samples[0])
     everything = _sample_documents(batch, to_dict(source), fraction=1.0, seed=0)["text"]
     assert 0.15 < len(samples[0]) / len(everything) < 0.45  # pieces, not whole books: close to the fraction
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shard faults (issue 33): copies of the prepared dataset, damaged
+
+
+REPAIR = "run `gss prepare` with the same config, which rewrites the shards that do not match"
+SPLITS = ["train", "validation", "test"]
+
+
+def damaged_copy(cfg: RunConfig, root: Path) -> tuple[RunConfig, Path]:
+    """The prepared dataset copied to where the same data config under `root` finds it: (that config, its folder)."""
+    copy = config(root, Path(cfg.data.source.path))
+    shutil.copytree(dataset_dir(cfg), dataset_dir(copy))
+    return copy, Path(dataset_dir(copy))
+
+
+def corrupt(path: Path) -> None:
+    """4 KiB (or the whole of a smaller file) inverted in the middle of the file, as issue 33 found a shard."""
+    data = bytearray(path.read_bytes())
+    start = max(0, len(data) // 2 - 2048)
+    data[start: start + 4096] = bytes(b ^ 0xFF for b in data[start: start + 4096])
+    path.write_bytes(bytes(data))
+
+
+def edit_manifest(dataset: Path, edit) -> None:
+    """`edit` applied to the manifest, written as `gss prepare` writes it."""
+    manifest = json.loads((dataset / MANIFEST).read_text())
+    edit(manifest)
+    (dataset / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+def replace_shard(dataset: Path, file: str, data: bytes) -> None:
+    """Shard `file` replaced by `data`, its manifest sha256 made to match."""
+    (dataset / file).write_bytes(data)
+
+    def new_digest(manifest: dict) -> None:
+        for split in manifest["splits"].values():
+            for shard in split["shards"]:
+                if shard["file"] == file:
+                    shard["sha256"] = hashlib.sha256(data).hexdigest()
+
+    edit_manifest(dataset, new_digest)
+
+
+def as_written(path: Path) -> pa.Table:
+    """A shard's table as `gss prepare` built it: Parquet reads its lists' items back named "element"."""
+    table = pq.read_table(path)
+    return table.cast(pa.schema([(f.name, pa.list_(f.type.value_type)) if pa.types.is_list(f.type) else f
+                                 for f in table.schema]))
+
+
+def all_rows(dataset: Path) -> np.ndarray:
+    rows = TrainRows(str(dataset))
+    return rows.rows(0, rows.rows_per_epoch)
+
+
+def test_page_checksums_find_a_flipped_byte_and_files_without_them_still_read():
+    table = train_rows_table(np.arange(5000, dtype=np.int32) % 400, np.zeros(0, np.int64), 128)
+    with_checksums, without = parquet_bytes(table, page_checksum=True), parquet_bytes(table, page_checksum=False)
+    column = pq.ParquetFile(pa.BufferReader(with_checksums)).metadata.row_group(0).column(0)
+    flipped = bytearray(with_checksums)
+    flipped[column.data_page_offset + column.total_compressed_size - 1] ^= 1  # the last byte of the page's data
+    with pytest.raises(OSError, match="CRC checksum verification failed"):
+        pq.read_table(pa.BufferReader(bytes(flipped)), page_checksum_verification=True)
+    assert pq.read_table(pa.BufferReader(without), page_checksum_verification=True).equals(table)
+
+
+def test_a_corrupt_shard_is_refused_by_its_readers_and_rewritten_byte_for_byte(prepared, tmp_path, capsys):
+    """A training unit's shard, an evaluation shard and the tails shard, 4 KiB of each flipped: every reader refuses
+    with one line naming the shard, and `gss prepare` rewrites the three, every file of the dataset as it was."""
+    import mlflow
+
+    from models import build_model
+    from pipeline.evaluate import LoadedModel, evaluate
+    from tests.tiny import tiny_config
+
+    cfg, manifest, _ = prepared
+    copy, dataset = damaged_copy(cfg, tmp_path)
+    reference = all_files(dataset)
+    train, validation = (manifest["splits"][split]["shards"] for split in ("train", "validation"))
+    damaged = [train[1]["file"], train[-1]["file"], validation[0]["file"]]  # a unit's shard, the tails, eval
+    for file in damaged:
+        corrupt(dataset / file)
+
+    with pytest.raises(DatasetError) as error:
+        all_rows(dataset)
+    assert str(error.value) in [f"{dataset / f} is corrupt (its sha256 differs from the manifest's): {REPAIR}"
+                                for f in damaged[:2]]  # whichever of the two the seeded order reaches first
+    with pytest.raises(DatasetError) as error:
+        eval_documents(str(dataset), "validation")
+    assert str(error.value) == f"{dataset / damaged[2]} is corrupt (its sha256 differs from the manifest's): {REPAIR}"
+    model = LoadedModel(build_model(tiny_config("gss", vocab_size=manifest["tokenizer"]["vocab_size"])), "tiny")
+    with pytest.raises(DatasetError) as error:  # `gss eval`: before any scorer starts
+        evaluate(copy, model, {"validation": [128]})
+    assert str(error.value) == f"{dataset / damaged[2]} is corrupt or missing (its sha256 differs from the " \
+                               f"manifest's): {REPAIR}"
+    assert verify_shards(str(dataset), SPLITS) == damaged
+
+    stats = prepare_stage(copy)["stats"]
+    said = capsys.readouterr().out
+    for file in damaged:
+        assert f"[prepare] rewrote {file} (its sha256 differed from the manifest's)\n" in said
+    shards = sum(len(s["shards"]) for s in manifest["splits"].values())
+    assert f"(already complete: {shards - 3} of {shards} shards matched the manifest, 3 rewritten)" in said
+    assert stats["repaired_shards"] == 3 and not stats["skipped"]
+    assert all_files(dataset) == reference
+    assert len(all_rows(dataset)) == TrainRows(str(dataset)).rows_per_epoch
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = mlflow.search_runs(experiment_names=["gss"], output_format="list")
+    assert run.data.metrics["repaired_shards"] == 3
+
+    again = prepare(copy)["stats"]  # every shard matches: checked, nothing written
+    assert again["skipped"] and again["repaired_shards"] == 0 and list(again["stage_seconds"]) == ["verify"]
+
+
+def test_a_shard_that_matches_the_manifest_but_was_written_wrong_is_refused(prepared, tmp_path):
+    """A shard whose bytes are the ones the manifest names, but not a usable shard (ids outside the vocabulary, a
+    page that fails its checksum): the readers refuse it, and say that a repair cannot help."""
+    cfg, manifest, _ = prepared
+    _, dataset = damaged_copy(cfg, tmp_path)
+    vocab = manifest["tokenizer"]["vocab_size"]
+    remake = f"though its sha256 matches the manifest's: the dataset was written wrong; delete {dataset} and run " \
+             "`gss prepare` with the same config to make it anew"
+    train = manifest["splits"]["train"]["shards"][0]["file"]
+    table = as_written(dataset / train)
+    tokens = table["tokens"].combine_chunks()
+    values = tokens.values.to_numpy().copy()
+    values[7] = vocab
+    replace_shard(dataset, train, parquet_bytes(table.set_column(0, "tokens", pa.ListArray.from_arrays(
+        tokens.offsets, pa.array(values))), page_checksum=True))
+    with pytest.raises(DatasetError) as error:
+        all_rows(dataset)
+    assert str(error.value) == f"{dataset / train} holds token id {vocab}, outside the vocabulary [0, {vocab}), " \
+                               f"{remake}"
+
+    validation = manifest["splits"]["validation"]["shards"][0]["file"]
+    data = bytearray((dataset / validation).read_bytes())
+    column = pq.ParquetFile(dataset / validation).metadata.row_group(0).column(3)  # tokens
+    data[column.data_page_offset + column.total_compressed_size - 1] ^= 1
+    replace_shard(dataset, validation, bytes(data))
+    with pytest.raises(DatasetError, match=r"cannot be read \(could not verify page integrity, CRC checksum") as error:
+        eval_documents(str(dataset), "validation")
+    assert str(error.value).startswith(str(dataset / validation)) and str(error.value).endswith(remake)
+
+
+def test_a_dataset_from_before_page_checksums_still_reads_and_is_repaired_to_its_own_format(prepared, tmp_path):
+    """A dataset `gss prepare` wrote before it recorded `shard_format`: shards without page checksums, no kept
+    tails. It reads as before; a repaired shard is written as its others were (the tails shard's units tokenized
+    again for their tails)."""
+    cfg, _, _ = prepared
+    copy, dataset = damaged_copy(cfg, tmp_path)
+
+    def old_format(manifest: dict) -> None:
+        del manifest["shard_format"]
+        for split in manifest["splits"].values():
+            for shard in split["shards"]:
+                data = parquet_bytes(as_written(dataset / shard["file"]), page_checksum=False)
+                (dataset / shard["file"]).write_bytes(data)
+                shard["sha256"] = hashlib.sha256(data).hexdigest()
+
+    edit_manifest(dataset, old_format)
+    shutil.rmtree(dataset / "_work")
+    old = all_files(dataset)
+    assert len(all_rows(dataset)) and eval_documents(str(dataset), "test")
+    train = load_manifest(str(dataset))["splits"]["train"]["shards"]
+    for file in (train[0]["file"], train[-1]["file"]):  # a unit's shard and the tails shard
+        corrupt(dataset / file)
+    assert prepare(copy)["stats"]["repaired_shards"] == 2
+    assert {name: data for name, data in all_files(dataset).items() if not name.startswith("_work")} == old
+
+
+def test_training_refuses_a_corrupt_shard_before_any_worker_starts(prepared, tmp_path):
+    from pipeline.train import train_stage
+
+    cfg, manifest, _ = prepared
+    _, dataset = damaged_copy(cfg, tmp_path)
+    validation = manifest["splits"]["validation"]["shards"][-1]["file"]  # what the workers' validation reads
+    corrupt(dataset / validation)
+    with pytest.raises(DatasetError) as error:
+        train_stage(config(tmp_path, Path(cfg.data.source.path), "name=refused"))
+    assert str(error.value) == f"{dataset / validation} is corrupt or missing (its sha256 differs from the " \
+                               f"manifest's): {REPAIR}"
+    assert not [p for p in (tmp_path / "train").rglob("*") if p.is_file()]  # no checkpoint, no lease left
