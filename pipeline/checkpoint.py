@@ -22,6 +22,7 @@ preemption notice), so that a preempted run loses no step (`Checkpointer`).
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
@@ -36,12 +37,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeline.storage import filesystem, join
+from pipeline.storage import filesystem, join, local_free_bytes
 
 STATE = "state.pt"
 SHARDS = "shards"
 CONTENTS, ALL_CONTENTS = "contents-rank-{rank:05d}.json", "contents-rank-*.json"
 VERIFY_CHUNK = 2**24  # bytes hashed at a time: a checkpoint file may be larger than the memory left
+ROOM_BESIDE = 2**20  # what Ray Train writes beside a checkpoint (its snapshot, the lease's heartbeat): a margin
 
 
 class UnreadableCheckpoint(RuntimeError):
@@ -249,11 +251,13 @@ class Checkpointer:
     train function, and so this, in a thread of its own.
     """
 
-    def __init__(self, every: int, last_step: int, rank: int, model_config: dict[str, Any], minutes: float = 0.0,
-                 validate_every: int = 0):
+    def __init__(self, every: int, last_step: int, rank: int, model_config: dict[str, Any], run_dir: str,
+                 minutes: float = 0.0, validate_every: int = 0):
         import ray.train
 
         self.every, self.last_step, self.rank, self.model_config = every, last_step, rank, model_config
+        self.run_dir = run_dir  # where Ray Train puts the checkpoints: rank 0 checks it has room for the next
+        self.no_room: str | None = None  # why `save` could not write the checkpoint (a full disk), on every rank
         self.validate_every = validate_every  # every n-th step-based checkpoint and the last go to Ray's validation
         self.timer = Timer(minutes)
         self.ranks = _Ranks(ray.train.get_context().get_world_size())
@@ -292,8 +296,10 @@ class Checkpointer:
         return self.stopping or bool(time_due) or notice or step % self.every == 0 or step == self.last_step
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             metrics: dict[str, float]) -> None:
-        """Write the state of `step` and report it to Ray Train with `metrics` (every rank calls it).
+             metrics: dict[str, float]) -> bool:
+        """Write the state of `step` and report it to Ray Train with `metrics` (every rank calls it); False, on
+        every rank, if a disk had no room for it (`no_room` says which): nothing is reported and nothing
+        half-written is left, and the workers stop rather than spend Ray Train's restarts on a disk still full.
 
         After a save that a SIGTERM asked for (and before the last step), raises `Stopped` on every rank, once
         every rank has reported: Ray Train registers a checkpoint only when all ranks have reported it.
@@ -302,7 +308,16 @@ class Checkpointer:
 
         validate = self.validate_every > 0 and (step == self.last_step or step % (self.every * self.validate_every) == 0)
         with tempfile.TemporaryDirectory() as folder:
-            save(folder, model, optimizer, step, self.model_config, self.rank)
+            try:
+                save(folder, model, optimizer, step, self.model_config, self.rank)
+                no_room = self._no_room_for(folder, is_sharded(model))
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                no_room = f"the worker's temporary folder {os.path.dirname(folder)} is full ({e.strerror})"
+            if self.ranks.max([no_room is not None])[0]:
+                self.no_room = no_room or "another worker's temporary folder is full"
+                return False
             checkpoint = ray.train.Checkpoint.from_directory(folder) if os.listdir(folder) else None
             ray.train.report({"step": step, **metrics}, checkpoint=checkpoint, validation=validate and bool(checkpoint))
         self.timer.saved()
@@ -310,6 +325,20 @@ class Checkpointer:
             self.ranks.max([0])  # a barrier: every rank's report is queued before any rank stops
             raise Stopped(f"a worker got SIGTERM: stopped after saving the checkpoint of step {step}, "
                           "for Ray Train to restart the workers from it")
+        return True
+
+    def _no_room_for(self, folder: str, sharded: bool) -> str | None:
+        """(Rank 0, a local run folder.) Why the run folder's disk cannot take the checkpoint in `folder`, or None:
+        checked before Ray Train copies it there, so that a full disk leaves no half-copied checkpoint. Under
+        FSDP2 every rank's part is about this size."""
+        free = local_free_bytes(self.run_dir) if self.rank == 0 else None
+        if free is None:
+            return None
+        need = sum(os.path.getsize(p) for p in glob.glob(os.path.join(folder, "**"), recursive=True)
+                   if os.path.isfile(p)) * (dist.get_world_size() if sharded else 1) + ROOM_BESIDE
+        if free >= need:
+            return None
+        return f"the disk holding {self.run_dir} has {_size(free)} free, and the checkpoint needs {_size(need)}"
 
 
 def _saved_checkpoints() -> list[tuple[Any, int]]:

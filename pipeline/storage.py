@@ -51,16 +51,22 @@ def explain(url: str, error: BaseException) -> str:
     return f"{url}: {type(error).__name__}: {text}"
 
 
+def local_free_bytes(url: str) -> int | None:
+    """The free bytes of the disk that holds `url` (or would: its nearest existing folder); None for a bucket."""
+    if "://" in url:
+        return None
+    where = os.path.abspath(url)
+    while not os.path.exists(where):
+        where = os.path.dirname(where)
+    return shutil.disk_usage(where).free
+
+
 def disk_full(url: str) -> str:
     """What a full disk (or an exhausted quota) under `url` means, and what to do."""
-    where = url if "://" in url else os.path.abspath(url)
-    while "://" not in where and not os.path.exists(where):
-        where = os.path.dirname(where)
-    if "://" in where:
+    free = local_free_bytes(url)
+    if free is None:
         return "the bucket's quota is exhausted (no space left): raise it or free space in the bucket"
-    usage = shutil.disk_usage(where)
-    return (f"the disk holding it is full ({usage.free / 2**20:,.1f} MB free of {usage.total / 2**20:,.0f} MB): free "
-            "space there, or point root at a bigger disk")
+    return f"the disk holding it is full ({free / 2**20:,.1f} MB free): free space there, or point root at a bigger disk"
 
 
 FULL_DISK = ("No space left on device", "database or disk is full", "Disk quota exceeded")

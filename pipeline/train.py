@@ -57,6 +57,7 @@ from pipeline.storage import (
     absolute,
     filesystem,
     join,
+    local_free_bytes,
     ray_checkpoint_url,
     ray_storage,
     read_json,
@@ -298,7 +299,7 @@ def train_loop(payload: dict[str, Any]) -> None:
     undecayed = no_weight_decay(model)
     model = backend.wrap(model, tc)
     optimizer = make_optimizer(model, tc, undecayed)
-    checkpointer = checkpoint.Checkpointer(tc.checkpoint_every, tc.steps, rank, payload["model"],
+    checkpointer = checkpoint.Checkpointer(tc.checkpoint_every, tc.steps, rank, payload["model"], payload["run_dir"],
                                            minutes=tc.checkpoint_minutes, validate_every=payload["validate_every"])
     step = checkpointer.restore(model, optimizer)
     batches = StepBatches(payload["dataset"], tc, rank, backend)
@@ -326,8 +327,9 @@ def train_loop(payload: dict[str, Any]) -> None:
                 continue  # values stay on the device between reports: no host sync per step (XLA, CUDA)
             val_loss = validator.validate(model) if validator.should_run(step) else None
             logged = metrics.log(step, lr, loss, grad_norm, val_loss)
-            if save:
-                checkpointer.save(step, model, optimizer, logged)
+            if save and not checkpointer.save(step, model, optimizer, logged):
+                metrics.notice(f"no room for the checkpoint of step {step}: {checkpointer.no_room}; training stops")
+                break  # every rank: the driver says what to do
     except Diverged as e:
         if rank == 0:  # Ray Train keeps only checkpointed metrics, so tell the driver through storage
             fs, path = filesystem(join(payload["run_dir"], DIVERGED))
@@ -423,6 +425,16 @@ def _train_stage(cfg: RunConfig) -> dict[str, Any]:
             f"({kept}). Lower train.lr or raise train.warmup_steps, then re-run the same run name to resume."
         )
     final = result.checkpoint
+    if (result.metrics or {}).get("step") != tc.steps:  # the workers stopped early: no room for a checkpoint
+        with contextlib.suppress(Exception):  # its store may be on the disk that filled
+            client.set_terminated(run.info.run_id, "FAILED")
+        free = local_free_bytes(run_dir)
+        where = f"the disk holding {run_dir} has {free / 2**20:,.1f} MB free" if free is not None else run_dir
+        if final:
+            where += f"; a checkpoint takes {fs.du(final.path) / 2**20:,.1f} MB"
+        kept = f"The checkpoint of step {result.metrics['step']} is kept" if final else "No checkpoint was written"
+        raise TrainingError(f"training stopped: no room for its next checkpoint ({where}). {kept}: free space, then "
+                            "run the same command again to go on from there")
     print(f"[train] registering the final model as {registered_name(cfg)} in MLflow")
     model_uri = _register_model(client, run.info.run_id, final, model_cfg, dataset, registered_name(cfg),
                                 {Tag.DATASET: dataset, Tag.TOKENIZER_SHA256: manifest["tokenizer"]["sha256"],
