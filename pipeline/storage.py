@@ -66,7 +66,8 @@ def disk_full(url: str) -> str:
     free = local_free_bytes(url)
     if free is None:
         return "the bucket's quota is exhausted (no space left): raise it or free space in the bucket"
-    return f"the disk holding it is full ({free / 2**20:,.1f} MB free): free space there, or point root at a bigger disk"
+    return (f"the disk holding it is full ({free / 2**20:,.1f} MB free): free space there, or point root at a "
+            "bigger disk")
 
 
 FULL_DISK = ("No space left on device", "database or disk is full", "Disk quota exceeded")
