@@ -371,13 +371,14 @@ def _train_stage(cfg: RunConfig) -> dict[str, Any]:
 
     dataset = dataset_dir(cfg)
     manifest = load_manifest(dataset)  # a clear error if `gss prepare` has not completed
-    check_shards(dataset, ["train", "validation"])  # what the workers read: every byte once, before any starts
     model_cfg = model_config(cfg, manifest["tokenizer"]["vocab_size"])
     step_rows, _ = batch_layout(cfg.train, manifest["seq_len"])
     tc = cfg.train
     scaling_config(tc)  # Ray's checks of the resources asked for, before any MLflow run is made
 
     experiment_id = tracking.setup(cfg)  # also fails fast on an unreachable tracking server
+    # what the workers read: every byte once, before any starts (and after the cheap checks above)
+    check_shards(dataset, ["train", "validation"])
     client = MlflowClient()
     run = _find_or_create_run(client, experiment_id, cfg, model_cfg, dataset)
     if run.info.status == "FINISHED":
