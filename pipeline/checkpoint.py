@@ -89,11 +89,15 @@ def save(folder: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
 def _write_contents(folder: str, rank: int, parts: int) -> None:
     """List this rank's files in `folder` (all of them: each rank writes into a folder of its own, which Ray Train
     merges with the others' in storage), after they are written. Rank 0's list says how many lists there are."""
-    files = {os.path.relpath(path, folder): _file_record(path)
-             for path in sorted(glob.glob(os.path.join(folder, "**"), recursive=True)) if os.path.isfile(path)}
+    files = {os.path.relpath(path, folder): _file_record(path) for path in _files(folder)}
     contents = {"files": files, **({"parts": parts} if rank == 0 else {})}
     with open(os.path.join(folder, CONTENTS.format(rank=rank)), "w") as f:
         json.dump(contents, f, indent=1)
+
+
+def _files(folder: str) -> list[str]:
+    """Every file under `folder`, sorted."""
+    return [path for path in sorted(glob.glob(os.path.join(folder, "**"), recursive=True)) if os.path.isfile(path)]
 
 
 def _file_record(path: str) -> dict[str, Any]:
@@ -334,8 +338,7 @@ class Checkpointer:
         free = local_free_bytes(self.run_dir) if self.rank == 0 else None
         if free is None:
             return None
-        need = sum(os.path.getsize(p) for p in glob.glob(os.path.join(folder, "**"), recursive=True)
-                   if os.path.isfile(p)) * (dist.get_world_size() if sharded else 1) + ROOM_BESIDE
+        need = sum(map(os.path.getsize, _files(folder))) * (dist.get_world_size() if sharded else 1) + ROOM_BESIDE
         if free >= need:
             return None
         return f"the disk holding {self.run_dir} has {_size(free)} free, and the checkpoint needs {_size(need)}"
