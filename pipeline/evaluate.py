@@ -117,7 +117,9 @@ class Scorer:
 
 class ClusterScorer:
     """`eval.num_workers` Scorer actors, each holding what a training worker holds; batches go to whichever is
-    free, two in flight per actor (one running, one waiting), generated as they are needed."""
+    free, two in flight per actor (one running, one waiting), generated as they are needed. A scorer lost with its
+    node hands its batches to the others (a new one is started, to wait for room, if none is left): a batch's sums
+    do not depend on which scorer ran it."""
 
     def __init__(self, model: LanguageModel, cfg: RunConfig):
         import ray
@@ -125,31 +127,50 @@ class ClusterScorer:
         from pipeline.cluster import connect
 
         connect(cfg.ray)
-        weights = ray.put({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        options = scorer_options(cfg)
-        actor = ray.remote(Scorer).options(**options)
-        count = cfg.eval.num_workers or cfg.train.num_workers
-        self.actors = [actor.remote(dataclasses.asdict(model.cfg), weights, cfg.eval.device,
-                                    int(options.get("num_cpus", 0))) for _ in range(count)]
+        self.weights = ray.put({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        self.options, self.device = scorer_options(cfg), cfg.eval.device
+        self.model_config = dataclasses.asdict(model.cfg)
+        self.actors = [self._start() for _ in range(cfg.eval.num_workers or cfg.train.num_workers)]
         self.piece_tokens = cfg.eval.piece_tokens
+
+    def _start(self):
+        import ray
+
+        return ray.remote(Scorer).options(**self.options).remote(self.model_config, self.weights, self.device,
+                                                                 int(self.options.get("num_cpus", 0)))
 
     def run(self, jobs: Iterator[tuple[Any, np.ndarray, np.ndarray]]) -> Iterator[tuple[Any, np.ndarray, float]]:
         """(key, inputs, targets) -> (key, summed NLL per window, actor seconds), in the order they finish."""
         import ray
+        from ray.exceptions import ObjectLostError, RayActorError
 
-        free, running = [a for a in self.actors for _ in range(2)], {}
+        free, running, again = [a for a in self.actors for _ in range(2)], {}, []
         jobs = iter(jobs)
         while True:
-            while free and (job := next(jobs, None)) is not None:
+            while free and (job := again.pop() if again else next(jobs, None)) is not None:
                 actor = free.pop()
-                running[actor.score.remote(job[1], job[2], self.piece_tokens)] = (job[0], actor)
+                running[actor.score.remote(job[1], job[2], self.piece_tokens)] = (job, actor)
             if not running:
                 return
             [ref], _ = ray.wait(list(running), num_returns=1)
-            key, actor = running.pop(ref)
+            job, actor = running.pop(ref)
+            try:
+                totals, seconds = ray.get(ref)
+            except (RayActorError, ObjectLostError) as e:
+                again.append(job)
+                if actor in self.actors:  # said once per scorer: its other batch fails the same way
+                    self.actors.remove(actor)
+                    free = [a for a in free if a is not actor]
+                    to = f"the {len(self.actors)} left"
+                    if not self.actors:
+                        to = "a new scorer, started once the cluster has room for it"
+                        self.actors.append(self._start())
+                        free += [self.actors[0]] * 2
+                    tqdm.write(f"[eval] a scorer was lost ({type(e).__name__}: its node or its process ended); its "
+                               f"batches go to {to}")
+                continue
             free.append(actor)
-            totals, seconds = ray.get(ref)
-            yield key, totals, seconds
+            yield job[0], totals, seconds
 
 
 def scorer_options(cfg: RunConfig) -> dict[str, Any]:

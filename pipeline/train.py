@@ -405,7 +405,7 @@ def _train_stage(cfg: RunConfig) -> dict[str, Any]:
         finishing = f"saving the final checkpoint and scoring it at {lengths} (validation split)"
     try:
         with TrainingProgress(payload["tracking_uri"], run.info.run_id, tc.steps, step_rows * manifest["seq_len"],
-                              finishing, compiled=compiles(tc)):
+                              finishing, compiled=compiles(tc), need=trainer.scaling_config.total_resources):
             result = trainer.fit()
     except Exception as e:
         with contextlib.suppress(Exception):  # its store may be on the disk that filled: the error to say is `e`
@@ -506,10 +506,12 @@ class TrainingProgress:
     Once the last step is in, the bar says what training still waits for (`finishing`), so that a full bar whose
     clock goes on is never silent; while MLflow does not answer, the bar says since when. The workers' notices
     (`MetricsLogger.notice`: a checkpoint they could not use) are printed as they come. With torch.compile
-    (`compiled`), it says once what the workers' first compile took and how much of it Inductor's cache had."""
+    (`compiled`), it says once what the workers' first compile took and how much of it Inductor's cache had. Given
+    what the workers `need` of the Ray cluster, it says when the cluster's nodes have less (a node lost, or not up
+    yet: Ray Train waits for them, then goes on from the last checkpoint), and when they have it again."""
 
     def __init__(self, tracking_uri: str, run_id: str, steps: int, tokens_per_step: int, finishing: str,
-                 poll_s: float = 2.0, compiled: bool = False):
+                 poll_s: float = 2.0, compiled: bool = False, need: dict[str, float] | None = None):
         from mlflow import MlflowClient
 
         self.client, self.tracking_uri, self.run_id, self.steps, self.tokens_per_step, self.finishing, self.poll_s = \
@@ -519,6 +521,7 @@ class TrainingProgress:
         self.compile_pending = compiled  # torch.compile's time, to say once this driver's workers have logged it
         self.stop = threading.Event()
         self.unreachable_since: str | None = None
+        self.need, self.short_since = need or {}, None
         # reads run in their own daemon thread, waited for `answer_s`: one caught in MLflow's retries (minutes) when
         # the server went away would otherwise keep the bar from saying so, and once the server is back, a read
         # still asleep in those retries is left behind for a fresh one rather than waited for
@@ -546,6 +549,7 @@ class TrainingProgress:
             self._update()
 
     def _update(self) -> None:
+        self._check_cluster()
         why = unreachable(self.tracking_uri, timeout_s=5)
         if why is None:
             # a read that went out during an outage may sleep in MLflow's retries for minutes, however young it is:
@@ -569,6 +573,22 @@ class TrainingProgress:
             self.bar.write(f"[train] MLflow answers again (unreachable since {self.unreachable_since})")
             self.unreachable_since = None
             self.bar.set_description_str("[train]", refresh=False)
+
+    def _check_cluster(self) -> None:
+        if not self.need:
+            return
+        import ray
+
+        have = ray.cluster_resources()  # the nodes alive now
+        short = {key: value for key, value in self.need.items() if have.get(key, 0) < value}
+        if short and self.short_since is None:
+            self.short_since = time.strftime("%H:%M:%S")
+            lacking = ", ".join(f"{key} {value:g} (the cluster has {have.get(key, 0):g})" for key, value in short.items())
+            self.bar.write(f"[train] waiting for the cluster: the workers need {lacking}; a node was lost or is not "
+                           "up yet, and training goes on from its last checkpoint once the nodes are there")
+        elif not short and self.short_since is not None:
+            self.bar.write(f"[train] the cluster has room for the workers again (short since {self.short_since})")
+            self.short_since = None
 
     def _read_in_background(self) -> concurrent.futures.Future:
         reading = concurrent.futures.Future()

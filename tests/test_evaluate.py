@@ -10,7 +10,16 @@ import torch
 from models import build_model, next_token_loss
 from pipeline.config import load_config
 from pipeline.dataset import dataset_dir, eval_documents, load_manifest
-from pipeline.evaluate import LoadedModel, evaluate, metrics_at_length, score_documents, token_batches
+from pipeline.evaluate import (
+    ClusterScorer,
+    LoadedModel,
+    evaluate,
+    metrics_at_length,
+    score_documents,
+    score_windows,
+    token_batches,
+    window_arrays,
+)
 
 from .corpus import as_overrides, prepared, run_config
 from .seed import TEST_SEED
@@ -71,6 +80,36 @@ def test_scorer_actors_on_the_cluster_give_the_numbers_of_one_process(corpus):
                               piece_tokens=24, batch_tokens=256, device=torch.device("cpu"))
         assert row["loss"] == pytest.approx(nll.sum() / row["tokens"], rel=1e-6)
         assert row["tokens"] == sum(len(d["tokens"]) for d in docs) and row["documents"] == 3
+
+
+@pytest.mark.parametrize("lost", [1, 2])
+def test_the_batches_of_a_lost_scorer_go_to_the_one_left_or_to_a_new_one(corpus, capsys, lost):
+    """A scorer lost mid-run (its node gone: here its process, killed) fails its batches: they are scored again by
+    the scorers left, or by a new one when none is; every batch's sums are those of one process."""
+    import ray
+
+    cfg = load_config(None, [*as_overrides(run_config(corpus / "out", corpus / "corpus", "base")),
+                             "eval.num_workers=2", "eval.piece_tokens=24"])
+    manifest = load_manifest(dataset_dir(cfg))
+    model = build_model(tiny_config("gss", vocab_size=manifest["tokenizer"]["vocab_size"])).eval()
+    docs = [d["tokens"] for d in eval_documents(dataset_dir(cfg), "test")]
+    windows = {i: window_arrays(docs, manifest["tokenizer"]["eod_id"], batch)
+               for i, batch in enumerate(token_batches([len(d) for d in docs], 32, 64))}
+    scorers = ClusterScorer(model, cfg)
+    scored = {}
+    for key, totals, _ in scorers.run((i, *arrays) for i, arrays in windows.items()):
+        if not scored:  # the others still in flight, two on each scorer
+            for actor in scorers.actors[:lost]:
+                ray.kill(actor, no_restart=True)
+        scored[key] = totals
+    assert sorted(scored) == sorted(windows) and len(windows) > 8
+    for i, (inputs, targets) in windows.items():
+        np.testing.assert_allclose(scored[i], score_windows(model, inputs, targets, 24, torch.device("cpu")),
+                                   rtol=1e-6)
+    said = [line for line in capsys.readouterr().out.splitlines() if "scorer was lost" in line]
+    went = ["the 1 left", "a new scorer, started once the cluster has room for it"][:lost]
+    assert said == [f"[eval] a scorer was lost (ActorDiedError: its node or its process ended); its batches go to {to}"
+                    for to in went]
 
 
 def test_batches_hold_at_most_batch_tokens_of_one_window_size():
