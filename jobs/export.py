@@ -37,6 +37,7 @@ def export(cfg: RunConfig, model_uri: str, out: str, force: bool = False, sampli
     from pipeline import tracking
     from pipeline.dataset import dataset_dir
     from pipeline.evaluate import load_model
+    from pipeline.storage import disk_full, is_full_disk
 
     import importlib.util
 
@@ -50,21 +51,29 @@ def export(cfg: RunConfig, model_uri: str, out: str, force: bool = False, sampli
     dataset = loaded.dataset or dataset_dir(cfg)  # a checkpoint's tokenizer: the config's dataset, as for gss eval
     tokenizer = _tokenizer_bytes(dataset, loaded)
 
+    facts = _card_facts(loaded, dataset)  # before: a full disk below is OUT_DIR's, not the MLflow store's
     parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)  # same filesystem: rename is atomic
     try:
-        _write(tmp, loaded, tokenizer, _card_facts(loaded, dataset), sampling or {})
-        _readable_as_umask_says(tmp)
-        if os.path.exists(out):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old.", dir=parent)
-            os.replace(out, os.path.join(old, "replaced"))
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)  # same filesystem: rename is atomic
+        try:
+            _write(tmp, loaded, tokenizer, facts, sampling or {})
+            _readable_as_umask_says(tmp)
+            if os.path.exists(out):
+                old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old.", dir=parent)
+                os.replace(out, os.path.join(old, "replaced"))
+                os.replace(tmp, out)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except Exception as e:
+        if not is_full_disk(e):  # safetensors says it in its own SafetensorError, open() as ENOSPC
+            raise
+        # said once the temporary folder is gone: the space it took is free again
+        raise ExportError(f"{out}: {disk_full(out, 'give an OUT_DIR on a bigger disk')}. Nothing was written: run "
+                          "the same command again once there is room") from None
     print(f"exported {loaded.uri} to {out}")
     return out
 

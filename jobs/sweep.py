@@ -17,7 +17,8 @@ Each dataset is prepared once, before any cell trains, and shared by the cells o
 driving its own `gss run` (its own MLflow parent run, tagged with the sweep and the cell's axis values); at most
 as many run at once as the cluster's CPUs, GPUs and TPUs hold cells' trainers, the rest queue. Re-running a sweep
 skips finished cells (each `gss run` skips what is complete) and finishes the others; a cell that fails (its
-config, or its run) is reported and the others go on.
+config, or its run) is reported and the others go on, except on a full disk (or bucket quota): then no further
+cell starts, the running ones end, and the sweep stops in one line, without its summary.
 
 The sweep ends with its summary (<root>/sweeps/<name>/summary.md, printed): a table per `panels` value, a row per
 `lines` value with the mean and min-max over the other axes (seeds), and each panel's best line: the one with
@@ -136,6 +137,7 @@ def sweep(path: str, overrides: list[str] = (), only: list[str] = ()) -> dict[st
     from pipeline.dataset import dataset_dir, is_complete
     from pipeline.logs import route_library_logs
     from pipeline.prepare import prepare_stage
+    from pipeline.storage import StorageError, disk_full, is_full_disk
 
     spec = load_sweep(path, overrides)
     chosen = select(spec, only)
@@ -156,14 +158,20 @@ def sweep(path: str, overrides: list[str] = (), only: list[str] = ()) -> dict[st
     datasets = {dataset_dir(configs[name]): configs[name] for name in todo}  # one preparation per dataset
     for dataset, cfg in datasets.items():
         if not is_complete(dataset):
-            prepare_stage(cfg)
+            try:
+                prepare_stage(cfg)
+            except Exception as e:
+                if not is_full_disk(e):
+                    raise
+                raise StorageError(f"{cfg.root}: {disk_full(cfg.root)}. No cell was started; what {dataset} has so far "
+                                   "is kept: run the same command again once there is room") from None
     at_once = cells_at_once(first)
     print(f"[sweep] {spec.name}: {len(todo)} cell(s) on {len(datasets)} dataset(s), {at_once} at a time")
 
     tracking.setup(first)
     client = MlflowClient()
     cells = {cell.name: cell for cell in spec.cells}
-    total, running, done = len(todo), {}, {}
+    total, running, done, full = len(todo), {}, {}, None
     task = ray.remote(num_cpus=0)(_run_cell)  # a driver, no CPU of its own: its trainer asks for the resources
     while todo or running:
         while todo and len(running) < at_once:
@@ -176,12 +184,19 @@ def sweep(path: str, overrides: list[str] = (), only: list[str] = ()) -> dict[st
         except Exception as e:  # noqa: BLE001 - a cell's failure is reported, the sweep goes on
             failed[name] = str(e).strip().splitlines()[-1]
             print(f"[sweep] {name}: FAILED, {failed[name]}")
+            if is_full_disk(e) and full is None:  # the next cells would fail the same way: start none
+                full, todo = name, []
             continue
         tags = {SWEEP_TAG: spec.name, CELL_TAG: name, **{f"{SWEEP_TAG}.{a}": v for a, v in cells[name].values.items()}}
         for key, value in tags.items():
             client.set_tag(done[name]["parent_run_id"], key, value)
         print(f"[sweep] {name}: done ({len(done)}/{total})")
 
+    if full is not None:  # no summary either: it would be written to the same disk
+        root = configs[full].root
+        raise StorageError(f"{root}: {disk_full(root)}. Cell {full} stopped on it, and no further cell was started; "
+                           f"the {len(done)} finished cell(s) are kept and a re-run skips them: run the same command "
+                           "again once there is room")
     comparison = compare_sweep(spec, first, configs)
     print(f"[sweep] {len(done)} cell(s) done, {len(failed)} failed" + "".join(f"\n  {n}: {e}" for n, e in failed.items()))
     return {"done": done, "failed": failed, **comparison}

@@ -346,7 +346,7 @@ def eval_stage(cfg: RunConfig, model_ref: str | None = None, todo: dict[str, lis
     import mlflow
 
     from pipeline import tracking
-    from pipeline.storage import filesystem, join
+    from pipeline.storage import filesystem, join, write_bytes_atomic
 
     tracking.setup(cfg)
     loaded = load_model(model_ref or default_model_uri(cfg))
@@ -370,13 +370,14 @@ def eval_stage(cfg: RunConfig, model_ref: str | None = None, todo: dict[str, lis
         mlflow.log_text(_csv(rows), "eval/results.csv")
         title = f"{cfg.name}: {loaded.model.cfg.arch}, {loaded.model.num_parameters() / 1e6:.1f}M parameters"
         fs, out = filesystem(out_dir)
-        fs.makedirs(out, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             local = os.path.join(tmp, "ppl_vs_length.png")
             plot(rows, info["train_length"], title, local)
             mlflow.log_artifact(local, "eval")
-            fs.put(local, join(out, "ppl_vs_length.png"))
-            fs.pipe(join(out, "results.json"), json.dumps({"model": loaded.uri, "rows": rows}, indent=1).encode())
+            with open(local, "rb") as f:  # atomic: a full disk leaves the old file or none, never half of one
+                write_bytes_atomic(fs, join(out, "ppl_vs_length.png"), f.read())
+        write_bytes_atomic(fs, join(out, "results.json"), json.dumps({"model": loaded.uri, "rows": rows},
+                                                                     indent=1).encode())
         # last: what reeval counts as done (a run stopped before this line is not complete)
         mlflow.set_tag(Tag.EVAL_DONE, json.dumps(suite_keys(todo)))
     print(f"[eval] results: {join(out_dir, 'results.json')}, plot: {join(out_dir, 'ppl_vs_length.png')}")

@@ -61,13 +61,12 @@ def local_free_bytes(url: str) -> int | None:
     return shutil.disk_usage(where).free
 
 
-def disk_full(url: str) -> str:
-    """What a full disk (or an exhausted quota) under `url` means, and what to do."""
+def disk_full(url: str, remedy: str = "point root at a bigger disk") -> str:
+    """What a full disk (or an exhausted quota) under `url` means, and what to do: free space, or `remedy`."""
     free = local_free_bytes(url)
     if free is None:
         return "the bucket's quota is exhausted (no space left): raise it or free space in the bucket"
-    return (f"the disk holding it is full ({free / 2**20:,.1f} MB free): free space there, or point root at a "
-            "bigger disk")
+    return f"the disk holding it is full ({free / 2**20:,.1f} MB free): free space there, or {remedy}"
 
 
 FULL_DISK = ("No space left on device", "database or disk is full", "Disk quota exceeded")
@@ -84,7 +83,8 @@ def storage_failure(error: BaseException) -> OSError | None:
         error = todo.pop(0)
         if error is None or id(error) in seen:
             continue
-        if isinstance(error, OSError):
+        # not Ray's RayTaskError(OSError): it lost the errno, its `cause` has it
+        if isinstance(error, OSError) and not isinstance(getattr(error, "cause", None), OSError):
             return error
         seen.add(id(error))
         if any(sign in str(error) for sign in FULL_DISK):
@@ -100,6 +100,20 @@ def storage_failure(error: BaseException) -> OSError | None:
     name, message = found[-1]
     kind = FileNotFoundError if "FileNotFound" in name else PermissionError if "Permission" in name else ConnectionError
     return kind(message)
+
+
+NO_ROOM = "no room for its next checkpoint"
+"""pipeline/train.py's TrainingError when a checkpoint would not fit: its workers stop before they fill the disk."""
+
+
+def is_full_disk(error: BaseException) -> bool:
+    """Whether `error` is a full disk or an exhausted quota: an I/O error with ENOSPC/EDQUOT behind it, or training
+    stopped for want of room; as it is or wrapped in a Ray task's error (the remote one's text is read too)."""
+    failure = storage_failure(error)
+    if failure is not None and failure.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    chain = (error, getattr(error, "cause", None), error.__cause__)  # a Ray task's error holds the task's as `cause`
+    return any(NO_ROOM in str(e) for e in chain if e is not None)
 
 
 def check_writable(url: str) -> None:

@@ -54,6 +54,7 @@ from pipeline.dataset import (
 from pipeline.lease import hold_lease
 from pipeline.logs import printed_to_log
 from pipeline.storage import (
+    NO_ROOM,
     absolute,
     filesystem,
     join,
@@ -434,7 +435,7 @@ def _train_stage(cfg: RunConfig) -> dict[str, Any]:
         if final:
             where += f"; a checkpoint takes {fs.du(final.path) / 2**20:,.1f} MB"
         kept = f"The checkpoint of step {result.metrics['step']} is kept" if final else "No checkpoint was written"
-        raise TrainingError(f"training stopped: no room for its next checkpoint ({where}). {kept}: free space, then "
+        raise TrainingError(f"training stopped: {NO_ROOM} ({where}). {kept}: free space, then "
                             "run the same command again to go on from there")
     print(f"[train] registering the final model as {registered_name(cfg)} in MLflow")
     model_uri = _register_model(client, run.info.run_id, final, model_cfg, dataset, registered_name(cfg),

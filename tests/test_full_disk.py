@@ -2,13 +2,18 @@
 goes on once space is freed. The disk is a small tmpfs this test mounts, which needs root (CI's container has
 it); where mounting is not allowed the test skips and says so."""
 
+import dataclasses
+import errno
 import shutil
+import sqlite3
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
 
+from jobs.export import CODE_DIRS
 from pipeline.dataset import COMPLETE, verify_shards
 from tests.corpus import (
     as_overrides,
@@ -94,7 +99,7 @@ def checkpoint_bytes(tree: dict, folder: Path) -> int:
     model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))[1].backward()
     optimizer.step()
     folder.mkdir()
-    save(str(folder), model, optimizer, 1, {}, rank=0)
+    save(str(folder), model, optimizer, 1, dataclasses.asdict(model.cfg), rank=0)  # `gss eval` can load it
     return sum(f.stat().st_size for f in folder.iterdir())
 
 
@@ -136,3 +141,77 @@ def test_a_full_disk_during_training_stops_it_in_one_line_with_no_restart_spent_
     run = train_run(tmp_path, "full")
     assert run.info.status == "FINISHED" and max(metric_steps(run, "loss")) == 100
     assert list(metric_steps(run, "resumed_at_step")) == [10]
+
+
+def test_a_full_disk_during_eval_or_export_is_one_line_naming_its_disk_and_nothing_half_written_is_left(
+        tmp_path, small_disk, ray_cluster):
+    from mlflow import MlflowClient
+
+    from pipeline.config import load_config
+    from pipeline.prepare import prepare
+
+    write_pg19(tmp_path / "corpus", counts=(6, 2, 2), words=(2000, 4000))
+    root, out = small_disk / "out", small_disk / "export"
+    tree = run_config(root, tmp_path / "corpus", "full")
+    tree["eval"] = {"lengths": [64, 128], "splits": ["test"], "piece_tokens": 64, "num_workers": 1}
+    tree["tracking"] = {"uri": f"sqlite:///{tmp_path}/m.db"}
+    cfg = load_config(None, as_overrides(tree))
+    prepare(cfg)
+    model = tmp_path / "model"  # a checkpoint of the dataset's vocabulary, off the small disk
+    checkpoint_bytes(tree, model)
+    # MLflow's store and artifacts elsewhere: eval's and export's own files are what the disk refuses
+    MlflowClient(cfg.tracking.uri).create_experiment(cfg.tracking.experiment, artifact_location=str(tmp_path / "a"))
+    ballast = fill(small_disk, leave=16 * 1024)  # eval's lease fits, its plot does not
+    evaluated = gss("eval", *as_overrides(tree), f"eval.model={model}")
+    ballast.unlink()
+    code = sum(-(-f.stat().st_size // 4096) * 4096 for folder in CODE_DIRS for f in Path(folder).glob("*.py"))
+    fill(small_disk, leave=code + 40 * 1024)  # export's code fits, its weights (~88 kB) do not: safetensors' error
+    exported = gss("export", str(model), str(out), *as_overrides(tree))
+    for done in (evaluated, exported):
+        assert done.returncode == 1, (done.stdout[-2000:], done.stderr[-3000:])
+        assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    line = evaluated.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"gss eval: {root}: the disk holding it is full ("), evaluated.stderr[-3000:]
+    assert line.endswith("point root at a bigger disk. What was complete is kept and nothing half-written counts as "
+                         "done: run the same command again to go on from there"), line
+    assert not (root / "eval" / "full" / "results.json").exists()
+    assert not (root / "eval" / "full" / "ppl_vs_length.png").exists()
+    line = exported.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"gss export: {out}: the disk holding it is full ("), exported.stderr[-3000:]
+    assert line.endswith("free space there, or give an OUT_DIR on a bigger disk. Nothing was written: run the same "
+                         "command again once there is room"), line
+    assert not out.exists()
+    assert not [p for p in small_disk.rglob("*") if ".tmp" in p.name or p.name.startswith(".export.")]
+
+
+def in_a_ray_task(error: BaseException):
+    """`error` as `ray.get` raises it when a task raised it (a sweep's cell): a RayTaskError that is also one."""
+    from ray.exceptions import RayTaskError
+
+    try:
+        raise error
+    except BaseException as e:  # noqa: BLE001 - raised to have a traceback, as in a task
+        return RayTaskError("_run_cell", traceback.format_exc(), e).as_instanceof_cause()
+
+
+def test_a_full_disk_is_recognised_however_a_sweep_cell_reports_it():
+    from safetensors import SafetensorError
+
+    from pipeline.storage import is_full_disk
+    from pipeline.train import TrainingError
+
+    stopped = TrainingError("training stopped: no room for its next checkpoint (the disk holding /d has 0.1 MB free)")
+    full = [OSError(errno.ENOSPC, "No space left on device"), OSError(errno.EDQUOT, "Disk quota exceeded"),
+            sqlite3.OperationalError("database or disk is full"),  # MLflow's store
+            SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),  # export
+            stopped]
+    other = [TrainingError("training failed after 2 restarts: boom"), PermissionError(errno.EACCES, "denied"),
+             OSError(errno.EIO, "Input/output error"), ValueError("no room for doubt")]
+    for error in full:
+        assert is_full_disk(error) and is_full_disk(in_a_ray_task(error)), error
+    for error in other:
+        assert not is_full_disk(error) and not is_full_disk(in_a_ray_task(error)), error
+    try:
+        raise RuntimeError("run_pipeline failed") from stopped
+    except RuntimeError as e:
+        assert is_full_disk(in_a_ray_task(e))  # a cause of what the task raised
