@@ -27,7 +27,7 @@ BACK_AFTER_S = 8
 
 
 def config(root: Path, corpus: Path) -> dict:
-    tree = run_config(root, corpus, "lost-node", steps=60, checkpoint_every=20, eval_every=1000,
+    tree = run_config(root, corpus, "lost-node", steps=40, checkpoint_every=10, eval_every=1000,
                       worker_resources={"CPU": 1, "worker": 1})
     tree["data"]["source"]["unit_bytes"] = 20_000  # a book a unit: units to tokenize while the node goes
     tree["eval"] = {"lengths": [64, 256], "batch_tokens": 256}  # batches to score while the node goes
@@ -78,7 +78,7 @@ def main(root: Path) -> None:
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 2}})
     commands = Commands(cluster, root)
-    write_pg19(root / "corpus", counts=(12, 2, 6), words=(2000, 4000))
+    write_pg19(root / "corpus", counts=(8, 2, 6), words=(2000, 4000))
     whole, lost = (config(root / name, root / "corpus") for name in ("whole", "lost"))
     lost_dataset = Path(dataset_dir(load_config(None, as_overrides(lost))))
     outputs = {

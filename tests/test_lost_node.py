@@ -39,7 +39,7 @@ def test_gss_train_waits_for_the_node_then_resumes_in_the_same_mlflow_run_to_the
         "yet, and training goes on from its last checkpoint once the nodes are there",
         next(line for line in said if line.startswith("[train] the cluster has room for the workers again (short "
                                                       "since ")),
-        "[train] resumed from the checkpoint at step 20"], said
+        "[train] resumed from the checkpoint at step 10"], said
     losses = {}
     for name in ("whole", "lost"):
         client = mlflow.MlflowClient(f"sqlite:///{root / name / 'mlflow.db'}")
@@ -48,8 +48,8 @@ def test_gss_train_waits_for_the_node_then_resumes_in_the_same_mlflow_run_to_the
         assert run.info.status == "FINISHED"
         losses[name] = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
         resumed = [m.step for m in client.get_metric_history(run.info.run_id, "resumed_at_step")]
-        assert resumed == ([20] if name == "lost" else [])
-    assert losses["lost"] == losses["whole"] and max(losses["lost"]) == 60
+        assert resumed == ([10] if name == "lost" else [])
+    assert losses["lost"] == losses["whole"] and max(losses["lost"]) == 40
 
 
 def test_gss_eval_hands_a_lost_scorer_s_batches_to_the_one_left_and_scores_as_without_the_loss(commands):

@@ -119,7 +119,7 @@ def test_wrong_credentials_are_one_clear_line_before_any_work(stack):
 
 
 def test_training_outlives_the_tracking_server_and_its_database(stack):
-    """The server killed at step 10 and back 40 s later (MLflow's own retries bridge that), then PostgreSQL
+    """The server killed at step 10 and back 15 s later (MLflow's own retries bridge that), then PostgreSQL
     restarted under it: the run finishes once, with every metric. What the bar says of the outage is the next
     test's: the workers buffer their metrics and do not slow down, so on a fast machine training ends inside the
     outage and the bar closes before the server is back (CI saw that)."""
@@ -127,7 +127,7 @@ def test_training_outlives_the_tracking_server_and_its_database(stack):
     job = stack.gss("train", stack.config(name, steps=steps))
     wait_for(job, reached_step(stack, name, 10), "step 10 in MLflow")
     stack.server.stop()
-    time.sleep(40)
+    time.sleep(15)
     stack.server.start()
     wait_for(job, reached_step(stack, name, 25), "step 25 in MLflow")
     stack.postgres.restart(down_s=3)

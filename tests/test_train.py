@@ -126,12 +126,12 @@ def test_two_workers_train_and_mlflow_has_run_params_metrics_and_model(corpus, r
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint_in_the_same_mlflow_run(corpus):
-    output = train_killing_a_worker(corpus, run_config(corpus / "out", corpus / "corpus", "fault", steps=300,
+    output = train_killing_a_worker(corpus, run_config(corpus / "out", corpus / "corpus", "fault", steps=120,
                                                        checkpoint_every=20, eval_every=100))
     assert "[train] resumed from the checkpoint at step" in output, output[-5000:]
 
     run = train_run(corpus, "fault")
-    assert run.info.status == "FINISHED" and max(metric_steps(run, "loss")) == 300
+    assert run.info.status == "FINISHED" and max(metric_steps(run, "loss")) == 120
     resumed = list(metric_steps(run, "resumed_at_step"))
     assert resumed and resumed[0] % 20 == 0  # from a checkpoint
 
