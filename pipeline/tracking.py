@@ -194,14 +194,30 @@ def log_dataset_input(client, run_id: str, dataset: str, digest: str, context: s
     client.log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])])
 
 
+def refused(error: Exception) -> bool:
+    """MLflow turned a request down for what it holds (a metric name it does not take, a run it does not have):
+    sending it again cannot help. Unreachable, overloaded, failing (5xx) or refusing our credentials is an outage:
+    that passes."""
+    from mlflow.exceptions import MlflowException
+
+    status = error.get_http_status_code() if isinstance(error, MlflowException) else 0
+    return 400 <= status < 500 and status not in (401, 403, 408, 429)
+
+
 class BackgroundLogger:
     """Metrics and tags for one MLflow run, sent from a thread so that a tracking server that is slow or down
-    never stalls or stops training: what cannot be sent yet is kept in memory and sent once the server answers
-    again (MLflow's own client retries each request for about 4 minutes first). The outage and the recovery
-    are each said in one line (`say`); `close()` waits up to `flush_s` for what is still unsent, then returns
-    the line that says what is lost, if anything is. A batch whose reply was lost in the outage can be stored twice: readers key metrics by step."""
+    never stalls or stops training.
+
+    An outage (no answer, a 5xx, credentials refused) keeps what cannot be sent in memory and tries again, every
+    `retry_s` doubling up to a minute (MLflow's own client retries each request for about 4 minutes first); the
+    outage and the recovery are each said in one line (`say`). A refusal (a 4xx: MLflow will never take that batch)
+    sends the batch again one metric name and one tag at a time, says in one line which one MLflow refuses and why,
+    drops that one and goes on. `close()` waits up to `flush_s` for what is still unsent and then for the request in
+    flight, up to `in_flight_s`, before it calls anything lost. A batch whose reply was lost in an outage can be
+    stored twice: readers key metrics by step."""
 
     BATCH = 1000  # MLflow's limit on metrics in one log_batch
+    MAX_RETRY_S = 60.0
 
     def __init__(self, tracking_uri: str, run_id: str, say=print, retry_s: float = 5.0):
         from mlflow import MlflowClient
@@ -210,8 +226,12 @@ class BackgroundLogger:
             tracking_uri, say, retry_s
         self.metrics: list = []  # mlflow.entities.Metric, oldest first
         self.tags: dict[str, str] = {}
-        self.lock, self.wake, self.closing = threading.Lock(), threading.Event(), False
+        self.lock, self.wake = threading.Lock(), threading.Event()
+        self.closing = self.stopped = False  # stopped: no new request (close has waited long enough)
+        self.in_flight = 0  # metric values in the request being sent
         self.down_since: float | None = None
+        self.failures = 0  # tries in a row that found MLflow away
+        self.refused_names: set[str] = set()  # said once each
         self.thread = threading.Thread(target=self._send_until_closed, name="mlflow-metrics", daemon=True)
         self.thread.start()
 
@@ -228,46 +248,60 @@ class BackgroundLogger:
             self.tags[key] = value
         self.wake.set()
 
-    def close(self, flush_s: float = 300.0) -> str | None:
+    def close(self, flush_s: float = 300.0, in_flight_s: float = 30.0) -> str | None:
+        """Send what is left; the line that says what is lost, if anything is."""
         self.closing = True
         self.wake.set()
         self.thread.join(flush_s)
+        self.stopped = True
+        self.wake.set()
+        self.thread.join(in_flight_s)  # a request still out may yet deliver its batch
         with self.lock:
             metrics, tags = list(self.metrics), dict(self.tags)
-            self.metrics, self.tags = [], {}  # the thread, if still in a request, sends nothing more after this
+            self.metrics, self.tags = [], {}  # a request still out after this removes nothing
+            in_flight = self.in_flight if self.thread.is_alive() else 0
         if not (metrics or tags):
             return None
         steps = sorted({m.step for m in metrics})
         span = f" of steps {steps[0]}-{steps[-1]}" if steps else ""
+        unsure = f" ({in_flight} of them in a request still unanswered, which may yet arrive)" if in_flight else ""
         return (f"MLflow at {self.uri} did not take them within {flush_s:.0f} s of the end: {len(metrics)} metric "
-                f"values{span} and {len(tags)} tags of run {self.run_id} are lost")
+                f"values{span} and {len(tags)} tags of run {self.run_id} are lost{unsure}")
 
     def _send_until_closed(self) -> None:
         while True:
-            self.wake.wait(None if self.down_since is None else self.retry_s)
+            self.wake.wait(None if self.down_since is None else min(self.retry_s * 2 ** (self.failures - 1),
+                                                                     self.MAX_RETRY_S))
             self.wake.clear()
-            while self._send_one_batch():
+            while not self.stopped and self._send_one_batch():
                 pass
             with self.lock:
-                if self.closing and not (self.metrics or self.tags):
+                if self.stopped or (self.closing and not (self.metrics or self.tags)):
                     return
 
     def _send_one_batch(self) -> bool:
-        """Send the oldest batch; True if sent and more is waiting."""
-        from mlflow.entities import RunTag
-
+        """Send the oldest batch; True if it went (or was refused) and more is waiting."""
         with self.lock:
             metrics, tags = self.metrics[: self.BATCH], dict(self.tags)
+            self.in_flight = len(metrics)
         if not (metrics or tags):
             return False
         try:
-            self.client.log_batch(self.run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()])
-        except Exception as e:  # noqa: BLE001 - whatever the failure, keep the values and try again later
+            try:
+                self._log(metrics, tags)
+            except Exception as e:  # noqa: BLE001 - an outage or a refusal: both are sorted below
+                if not refused(e):
+                    raise
+                self._log_each_name_alone(metrics, tags)
+        except Exception as e:  # noqa: BLE001 - whatever the outage, keep the values and try again later
+            self.failures += 1
             if self.down_since is None:
                 self.down_since = time.time()
                 self.say(f"MLflow at {self.uri} does not answer ({str(e).splitlines()[0][:160]}); training goes "
                          "on and its metrics are kept until it does")
             return False
+        finally:
+            self.in_flight = 0
         with self.lock:
             del self.metrics[: len(metrics)]
             for key, value in tags.items():
@@ -277,5 +311,30 @@ class BackgroundLogger:
         if self.down_since is not None:
             self.say(f"MLflow at {self.uri} answers again after {time.time() - self.down_since:.0f} s; "
                      "the metrics kept meanwhile are sent")
-            self.down_since = None
+            self.down_since, self.failures = None, 0
         return more
+
+    def _log(self, metrics: list, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()])
+
+    def _log_each_name_alone(self, metrics: list, tags: dict[str, str]) -> None:
+        """A refused batch again, one request per metric name and per tag: the one MLflow refuses is said (once
+        per name) and dropped; an outage meanwhile raises (what went already may then be stored twice)."""
+        by_name: dict[str, list] = {}
+        for metric in metrics:
+            by_name.setdefault(metric.key, []).append(metric)
+        parts = [(f"metric {name!r}", values, {}) for name, values in by_name.items()]
+        parts += [(f"tag {key!r}", [], {key: value}) for key, value in tags.items()]
+        for name, values, tag in parts:
+            try:
+                self._log(values, tag)
+            except Exception as e:  # noqa: BLE001 - an outage goes up to the caller
+                if not refused(e):
+                    raise
+                if name not in self.refused_names:
+                    self.refused_names.add(name)
+                    self.say(f"MLflow at {self.uri} refuses {name} of run {self.run_id} "
+                             f"({str(e).splitlines()[0][:200]}): its values are dropped, from now on without a word; "
+                             "the rest goes on")

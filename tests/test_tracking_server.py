@@ -183,6 +183,44 @@ def test_an_outage_longer_than_mlflows_retries_loses_no_metric(stack, monkeypatc
     assert logged_steps(client, run_id) == [1, 2, 3, 4, 5]
 
 
+def test_a_metric_the_server_refuses_is_said_once_and_dropped_and_the_rest_arrives(stack):
+    """A 400 for one batch (a metric name MLflow does not take) is not an outage: it used to be retried forever,
+    holding back every metric behind it."""
+    from pipeline.tracking import BackgroundLogger
+
+    client = stack.admin()
+    run_id = client.create_run(client.create_experiment("refused")).info.run_id
+    said = []
+    sender = BackgroundLogger(stack.server.url, run_id, say=said.append)
+    for step in range(1, 4):
+        sender.log(step, {"loss": 1.0 / step, "bad key!": 1.0})
+    assert sender.close(flush_s=60) is None
+    assert len(said) == 1 and said[0].startswith(f"MLflow at {stack.server.url} refuses metric 'bad key!' of run "
+                                                 f"{run_id} (INVALID_PARAMETER_VALUE"), said
+    assert logged_steps(client, run_id) == [1, 2, 3]
+
+
+def test_at_close_a_batch_still_in_a_request_is_waited_for_not_called_lost(stack):
+    """The server frozen (SIGSTOP) while the batch goes out, and thawed 3 s into close's wait for it: nothing is
+    called lost, and everything arrives (close used to call lost what a request still out went on to deliver)."""
+    import threading
+
+    from pipeline.tracking import BackgroundLogger
+
+    client = stack.admin()
+    run_id = client.create_run(client.create_experiment("in-flight")).info.run_id
+    sender = BackgroundLogger(stack.server.url, run_id)
+    stack.server.pause()
+    try:
+        for step in range(1, 6):
+            sender.log(step, {"loss": 1.0 / step})
+        threading.Timer(3, stack.server.resume).start()
+        assert sender.close(flush_s=1, in_flight_s=120) is None
+    finally:
+        stack.server.resume()
+    assert logged_steps(client, run_id) == [1, 2, 3, 4, 5]
+
+
 def test_two_cells_at_once_with_two_workers_each_lose_no_metric_and_duplicate_no_run(stack, tmp_path):
     base = stack.config("unused", num_workers=2, steps=20, checkpoint_every=10)
     base["ray"] = {"num_cpus": 4}  # two cells' trainers at once

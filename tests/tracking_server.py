@@ -120,6 +120,17 @@ class LocalMlflowServer:
             self._process.wait()
             self._process = None
 
+    def pause(self) -> None:
+        """Freeze the server and its workers (SIGSTOP): connections are taken, nothing is answered until `resume()`."""
+        import signal
+
+        os.killpg(self._process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        import signal
+
+        os.killpg(self._process.pid, signal.SIGCONT)
+
     def create_pipeline_user(self) -> None:
         """The pipeline's user, made by the admin as infra/README.md does it."""
         from mlflow.server import get_app_client
