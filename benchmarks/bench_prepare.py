@@ -3,8 +3,9 @@
 The corpus is the PG-19 sample of ../shared/corpora, copied `--copies` times (distinct file names) so
 the job runs long enough to measure; the tokenizer is trained once beforehand and given to the job, so
 both sides encode with the same model. The floor: `sp.encode(text)` over every document in one process,
-texts already in memory. The ceiling: one forked process per core, each encoding an equal share. The job: `prepare()` on a running local Ray cluster (read, tokenize with the
-actor pool, pack, write zstd Parquet, manifest), and once cold through `gss prepare`, Ray start included.
+texts already in memory. The ceiling: one forked process per core, each encoding an equal share. The job:
+`prepare()` on a running local Ray cluster (read, tokenize with the actor pool, pack, write zstd Parquet,
+manifest), and once cold through `gss prepare`, Ray start included.
 """
 
 from __future__ import annotations

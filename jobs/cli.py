@@ -87,17 +87,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
     from models.decoding import cast_for_decoding
-    from pipeline import tracking
     from pipeline.dataset import dataset_dir, read_tokenizer
     from pipeline.evaluate import load_model
+    from pipeline.tracking import Tracking, default_model_uri
 
     cfg = _config(args)
     tokenizer = read_tokenizer(dataset_dir(cfg))  # a clear error if the dataset is not there
-    tracking.setup(cfg)  # where the registered model is
+    tracking = Tracking.of(cfg)  # where the registered model is
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "auto": torch.bfloat16 if device.type == "cuda"
              else torch.float32}[args.dtype]  # fmt: skip
-    model = cast_for_decoding(load_model(tracking.default_model_uri(cfg)).model.eval().to(device), dtype)
+    model = cast_for_decoding(load_model(default_model_uri(cfg), tracking).model.eval().to(device), dtype)
     torch.manual_seed(args.seed)
     tokens = [tokenizer.eod_id] + tokenizer.sp.encode(args.prompt)  # a document starts after </s>
     shown = tokenizer.decode(tokens)

@@ -13,40 +13,35 @@ import tempfile
 from typing import Any
 
 from pipeline.config import RunConfig
-from pipeline.tracking import Tag, tag_is
+from pipeline.tracking import Tag, Tracking, finished_evals
 
 METRICS = ("token_ppl", "word_ppl", "bits_per_byte")
 
 
 def eval_runs(client, experiment_id: str, run_ids: list[str]) -> list[Any]:
     """Finished eval runs: of the experiment, or the given runs (an eval run, or a `gss run` parent's evals)."""
-    finished = f"{tag_is(Tag.STAGE, 'eval')} AND attributes.status = 'FINISHED'"
     if not run_ids:
-        return client.search_runs([experiment_id], finished, max_results=5000)
+        return finished_evals(client, [experiment_id])
     runs = []
     for run_id in run_ids:
         run = client.get_run(run_id)
         if run.data.tags.get(Tag.STAGE) == "eval":
             runs.append(run)
         else:
-            runs += client.search_runs([run.info.experiment_id],
-                                       f"{finished} AND tags.`mlflow.parentRunId` = '{run_id}'")
+            runs += finished_evals(client, [run.info.experiment_id], parent_run_id=run_id)
     return runs
 
 
 def compare(cfg: RunConfig, run_ids: list[str] = (), split: str = "", metric: str = "token_ppl",
-            out: str = "") -> list[dict[str, Any]]:
-    from mlflow import MlflowClient
-
-    from pipeline import tracking
+            out: str = "", tracking: Tracking | None = None) -> list[dict[str, Any]]:
     from pipeline.storage import filesystem, join
 
     if metric not in METRICS:
         raise SystemExit(f"gss compare: --metric must be one of {', '.join(METRICS)}")
     split = split or cfg.eval.splits[0]
-    experiment_id = tracking.setup(cfg)  # first: the client takes the tracking URI it sets
-    client = MlflowClient()
-    runs = eval_runs(client, experiment_id, list(run_ids))
+    tracking = tracking or Tracking.of(cfg)
+    client = tracking.client
+    runs = eval_runs(client, tracking.experiment_id, list(run_ids))
     models: dict[tuple[str, str], dict[str, Any]] = {}
     for run in sorted(runs, key=lambda r: r.info.start_time):
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics

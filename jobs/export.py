@@ -18,7 +18,7 @@ import tempfile
 from typing import Any
 
 from pipeline.config import RunConfig
-from pipeline.tracking import Tag, tag_is
+from pipeline.tracking import Tag, Tracking, finished_evals, run_tagged
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CODE_DIRS = (os.path.join(PROJECT, "models"), os.path.join(PROJECT, "pipeline", "hf"))
@@ -34,24 +34,24 @@ def export(cfg: RunConfig, model_uri: str, out: str, force: bool = False, sampli
            ) -> str:
     """Write the folder `out` for `model_uri` (models:/name/version, models:/name@alias, or a checkpoint folder);
     `sampling`: generation_config.json's sampling defaults. Returns `out`."""
-    from pipeline import tracking
+    import importlib.util
+
     from pipeline.dataset import dataset_dir
     from pipeline.evaluate import load_model
     from pipeline.storage import disk_full, is_full_disk
-
-    import importlib.util
 
     if importlib.util.find_spec("safetensors") is None:
         raise ExportError("needs the hf extra: pip install -e '.[hf]' (transformers, safetensors)")
     out = os.path.abspath(out)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not force:
         raise ExportError(f"{out} exists and is not an empty folder; give --force to replace it")
-    tracking.setup(cfg)  # where registered models and their runs are
-    loaded = load_model(model_uri)  # EvalError: not a registered model, not a checkpoint
+    tracking = Tracking.of(cfg)  # where registered models and their runs are
+    loaded = load_model(model_uri, tracking)  # EvalError: not a registered model, not a checkpoint
     dataset = loaded.dataset or dataset_dir(cfg)  # a checkpoint's tokenizer: the config's dataset, as for gss eval
     tokenizer = _tokenizer_bytes(dataset, loaded)
 
-    facts = _card_facts(loaded, dataset)  # before: a full disk below is OUT_DIR's, not the MLflow store's
+    # before: a full disk below is OUT_DIR's, not the MLflow store's
+    facts = _card_facts(loaded, dataset, tracking.client)
     parent = os.path.dirname(out)
     try:
         os.makedirs(parent, exist_ok=True)
@@ -144,26 +144,21 @@ def _json(folder: str, name: str, value: dict[str, Any]) -> None:
         f.write("\n")
 
 
-def _card_facts(loaded, dataset: str) -> dict[str, Any]:
+def _card_facts(loaded, dataset: str, client) -> dict[str, Any]:
     """What the model card says: the model, its training run (steps, tokens seen) and eval results by length."""
-    from mlflow import MlflowClient
-
     model_cfg = loaded.model.cfg
     facts: dict[str, Any] = {"source": loaded.uri, "arch": model_cfg.arch, "parameters": loaded.model.num_parameters(),
                              "model": dataclasses.asdict(model_cfg), "dataset": dataset,
                              "tokenizer_sha256": loaded.tokenizer_sha256, "evals": {}}
-    client = MlflowClient()
     experiments = [e.experiment_id for e in client.search_experiments()]
     if loaded.train_run_id:
         train = client.get_run(loaded.train_run_id)
     else:  # a checkpoint folder: the training run whose final checkpoint it is, if any
-        found = client.search_runs(experiments, tag_is(Tag.CHECKPOINT, loaded.uri), max_results=1)
-        train = found[0] if found else None
+        train = run_tagged(client, experiments, Tag.CHECKPOINT, loaded.uri)
     if train is not None:
         facts.update(run_name=train.data.tags.get(Tag.RUN_NAME, ""), run_id=train.info.run_id,
                      steps=train.data.params.get("train.steps"), tokens_seen=train.data.metrics.get("tokens_seen"))
-    evals = client.search_runs(experiments, f"{tag_is(Tag.STAGE, 'eval')} AND {tag_is(Tag.MODEL_URI, loaded.uri)} "
-                                            "AND attributes.status = 'FINISHED'")
+    evals = finished_evals(client, experiments, model_uri=loaded.uri)
     for run in sorted(evals, key=lambda r: r.info.start_time):  # later results of a length overwrite earlier ones
         for key in run.data.metrics:
             split, _, metric = key.partition(".")

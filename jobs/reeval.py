@@ -16,18 +16,16 @@ from pipeline.config import RunConfig
 
 
 def reeval(cfg: RunConfig) -> list[dict[str, Any]]:
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from pipeline import tracking
     from pipeline.dataset import dataset_dir, load_manifest
     from pipeline.evaluate import eval_stage, suite_todo
-    from pipeline.tracking import ALIAS, Tag
+    from pipeline.tracking import ALIAS, Tag, Tracking
 
-    tracking.setup(cfg)
+    tracking = Tracking.of(cfg)
     dataset = dataset_dir(cfg)
     tokenizer = load_manifest(dataset)["tokenizer"]["sha256"]
-    client = MlflowClient()
+    client = tracking.client
     done = []
     for registered in client.search_registered_models(max_results=1000):
         try:
@@ -38,12 +36,12 @@ def reeval(cfg: RunConfig) -> list[dict[str, Any]]:
         if version.tags.get(Tag.TOKENIZER_SHA256) != tokenizer:
             print(f"[reeval] {uri}: trained with another tokenizer than {dataset}; not evaluated with this config")
             continue
-        todo = suite_todo(cfg, uri)
+        todo = suite_todo(cfg, uri, tracking)
         if not todo:
             print(f"[reeval] {uri}: up to date")
             continue
         print(f"[reeval] {uri}: evaluating {todo}")
         named = dataclasses.replace(cfg, name=version.tags.get(Tag.RUN_NAME, registered.name))
-        done.append({"model": uri, "todo": todo, **eval_stage(named, uri, todo)})
+        done.append({"model": uri, "todo": todo, **eval_stage(named, uri, todo, tracking)})
     print(f"[reeval] {len(done)} model(s) evaluated")
     return done

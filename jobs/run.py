@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig, load_config, to_dict
+from pipeline.tracking import Tag, Tracking, find_or_create_run, log_params
 
 SHARED_PG19 = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "pg19"
 
@@ -35,22 +36,13 @@ def local_config(overrides: list[str]) -> RunConfig:
     return load_config(Path(__file__).resolve().parents[1] / "configs" / "local.yaml", [*source, *overrides])
 
 
-def _parent_run(cfg: RunConfig):
+def _parent_run(tracking: Tracking, cfg: RunConfig):
     """The parent run of this run name: found again after an interruption, else created."""
-    from mlflow import MlflowClient
-
-    from pipeline import tracking
-
-    experiment_id = tracking.setup(cfg)
-    client = MlflowClient()
-    found = client.search_runs([experiment_id], tracking.tag_is(tracking.Tag.PIPELINE, cfg.name), max_results=1)
-    if found:
-        return found[0]
-    return client.create_run(experiment_id, run_name=cfg.name,
-                             tags={tracking.Tag.PIPELINE: cfg.name, tracking.Tag.RUN_NAME: cfg.name})
+    tags = {Tag.PIPELINE: cfg.name, Tag.RUN_NAME: cfg.name}
+    return find_or_create_run(tracking.client, tracking.experiment_id, Tag.PIPELINE, cfg.name, tags)[0]
 
 
-def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
+def run_pipeline(cfg: RunConfig, tracking: Tracking | None = None) -> dict[str, Any]:
     import mlflow
 
     from pipeline.dataset import dataset_dir, is_complete
@@ -58,29 +50,30 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     from pipeline.lease import hold_lease
     from pipeline.logs import log_folder
     from pipeline.prepare import prepare_stage
-    from pipeline.tracking import log_params
     from pipeline.train import run_folder, train_stage
 
     # one `gss run` of a name at a time: its training run folder's lease, taken before the parent run is found or
     # made; the stages take their folders' leases inside (the training run's again: reentrant in one process)
-    with hold_lease(run_folder(cfg), "gss run"), mlflow.start_run(run_id=_parent_run(cfg).info.run_id) as parent:
+    tracking = tracking or Tracking.of(cfg)
+    with hold_lease(run_folder(cfg), "gss run"), \
+            mlflow.start_run(run_id=_parent_run(tracking, cfg).info.run_id) as parent:
         if not parent.data.params:
             log_params(to_dict(cfg))
         dataset = dataset_dir(cfg)
         if is_complete(dataset):
             print(f"[prepare] skipped: {dataset} is complete")
         else:
-            prepare_stage(cfg)
-        trained = train_stage(cfg)  # a finished training run is a no-op
-        todo = suite_todo(cfg, trained["model_uri"])
+            prepare_stage(cfg, tracking=tracking)
+        trained = train_stage(cfg, tracking)  # a finished training run is a no-op
+        todo = suite_todo(cfg, trained["model_uri"], tracking)
         if todo:
-            evaluated = eval_stage(cfg, trained["model_uri"], todo)
+            evaluated = eval_stage(cfg, trained["model_uri"], todo, tracking)
         else:
             print(f"[eval] skipped: {trained['model_uri']} already has results for the suite")
             evaluated = {}
     result = {"parent_run_id": parent.info.run_id, "dataset": dataset, **trained, "eval": evaluated}
     print(f"\ndone: MLflow run {cfg.name} ({parent.info.run_id}) in experiment {cfg.tracking.experiment!r}")
-    uri = mlflow.get_tracking_uri()
+    uri = tracking.uri
     if uri.startswith(("http://", "https://")):  # a tracking server shows it itself
         print(f"  look:  {uri.rstrip('/')}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}")
     else:

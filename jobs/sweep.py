@@ -40,9 +40,8 @@ from typing import Any
 import yaml
 
 from pipeline.config import ConfigError, RunConfig, from_dict, load_config, to_dict
+from pipeline.tracking import Tag, Tracking, sweep_cells
 
-SWEEP_TAG = "gss.sweep"  # on each cell's `gss run` parent run: the sweep's name
-CELL_TAG = "gss.sweep.cell"  # and the cell's name; its axis values as gss.sweep.<axis>
 KEYS = {"name", "base", "set", "axes", "exclude", "panels", "lines"}
 
 
@@ -95,7 +94,8 @@ def load_sweep(path: str, overrides: list[str] = ()) -> Sweep:
     base = spec.get("base")
     base = str(Path(path).resolve().parent / base) if base else ""
     names = list(axes)
-    return Sweep(spec["name"], base, cells, spec.get("panels", names[0]), spec.get("lines", names[min(1, len(names) - 1)]))
+    panels, lines = spec.get("panels", names[0]), spec.get("lines", names[min(1, len(names) - 1)])
+    return Sweep(spec["name"], base, cells, panels, lines)
 
 
 def select(spec: Sweep, only: list[str]) -> list[str]:
@@ -130,9 +130,7 @@ def cells_at_once(cfg: RunConfig) -> int:
 
 def sweep(path: str, overrides: list[str] = (), only: list[str] = ()) -> dict[str, Any]:
     import ray
-    from mlflow import MlflowClient
 
-    from pipeline import tracking
     from pipeline.cluster import connect
     from pipeline.dataset import dataset_dir, is_complete
     from pipeline.logs import route_library_logs
@@ -155,11 +153,12 @@ def sweep(path: str, overrides: list[str] = (), only: list[str] = ()) -> dict[st
     first = configs[todo[0]]
     route_library_logs(first.root)
     connect(first.ray)
+    tracking = Tracking.of(first)  # the store and experiment of every cell, its summary's too
     datasets = {dataset_dir(configs[name]): configs[name] for name in todo}  # one preparation per dataset
     for dataset, cfg in datasets.items():
         if not is_complete(dataset):
             try:
-                prepare_stage(cfg)
+                prepare_stage(cfg, tracking=tracking)
             except Exception as e:
                 if not is_full_disk(e):
                     raise
@@ -168,8 +167,6 @@ def sweep(path: str, overrides: list[str] = (), only: list[str] = ()) -> dict[st
     at_once = cells_at_once(first)
     print(f"[sweep] {spec.name}: {len(todo)} cell(s) on {len(datasets)} dataset(s), {at_once} at a time")
 
-    tracking.setup(first)
-    client = MlflowClient()
     cells = {cell.name: cell for cell in spec.cells}
     total, running, done, full = len(todo), {}, {}, None
     task = ray.remote(num_cpus=0)(_run_cell)  # a driver, no CPU of its own: its trainer asks for the resources
@@ -187,9 +184,10 @@ def sweep(path: str, overrides: list[str] = (), only: list[str] = ()) -> dict[st
             if is_full_disk(e) and full is None:  # the next cells would fail the same way: start none
                 full, todo = name, []
             continue
-        tags = {SWEEP_TAG: spec.name, CELL_TAG: name, **{f"{SWEEP_TAG}.{a}": v for a, v in cells[name].values.items()}}
+        tags = {Tag.SWEEP: spec.name, Tag.SWEEP_CELL: name,
+                **{Tag.sweep_axis(axis): value for axis, value in cells[name].values.items()}}
         for key, value in tags.items():
-            client.set_tag(done[name]["parent_run_id"], key, value)
+            tracking.client.set_tag(done[name]["parent_run_id"], key, value)
         print(f"[sweep] {name}: done ({len(done)}/{total})")
 
     if full is not None:  # no summary either: it would be written to the same disk
@@ -197,30 +195,28 @@ def sweep(path: str, overrides: list[str] = (), only: list[str] = ()) -> dict[st
         raise StorageError(f"{root}: {disk_full(root)}. Cell {full} stopped on it, and no further cell was started; "
                            f"the {len(done)} finished cell(s) are kept and a re-run skips them: run the same command "
                            "again once there is room")
-    comparison = compare_sweep(spec, first, configs)
-    print(f"[sweep] {len(done)} cell(s) done, {len(failed)} failed" + "".join(f"\n  {n}: {e}" for n, e in failed.items()))
+    comparison = compare_sweep(spec, first, configs, tracking)
+    print(f"[sweep] {len(done)} cell(s) done, {len(failed)} failed"
+          + "".join(f"\n  {n}: {e}" for n, e in failed.items()))
     return {"done": done, "failed": failed, **comparison}
 
 
-def compare_sweep(spec: Sweep, cfg: RunConfig, configs: dict[str, RunConfig]) -> dict[str, Any]:
+def compare_sweep(spec: Sweep, cfg: RunConfig, configs: dict[str, RunConfig], tracking: Tracking) -> dict[str, Any]:
     """`gss compare` over the sweep's runs for each metric, into <root>/sweeps/<name>/<metric>/; then the sweep's
     own view: `summary.md` (each metric by length, a table per `panels` value, a row per `lines` value: the mean,
     min-max over the other axes, and each panel's best line) and `sweep.png` (perplexity against length, a panel
     per `panels` value, a line per `lines` value, the spread as a band, the training length marked), and when the
     `lines` values are numbers (a learning rate), `best.png`: the score against them, a line per panel."""
-    from mlflow import MlflowClient
-
     from jobs.compare import METRICS, compare
-    from pipeline import tracking
     from pipeline.storage import filesystem, join
 
-    experiment_id = tracking.setup(cfg)
-    parents = [r.info.run_id for r in MlflowClient().search_runs([experiment_id], tracking.tag_is(SWEEP_TAG, spec.name))]
+    parents = [r.info.run_id for r in sweep_cells(tracking.client, tracking.experiment_id, spec.name)]
     if not parents:
         return {"rows": {}, "best": {}}
     out = join(cfg.root, "sweeps", spec.name)
     split = cfg.eval.splits[0]
-    rows = {metric: compare(cfg, parents, split=split, metric=metric, out=join(out, metric)) for metric in METRICS}
+    rows = {metric: compare(cfg, parents, split=split, metric=metric, out=join(out, metric), tracking=tracking)
+            for metric in METRICS}
     values = {cell.name: cell.values for cell in spec.cells}
     train_length = {name: c.data.pack.seq_len for name, c in configs.items()}
     groups = {metric: group_curves(spec, metric_rows, values, train_length) for metric, metric_rows in rows.items()}
@@ -315,7 +311,8 @@ def summarize(spec: Sweep, split: str, groups: dict[str, dict[str, dict[str, Gro
                         cells.append("")
                         continue
                     mean, low, high = group.at(n)
-                    cells.append(_number(mean) + (f" ({_number(low)}–{_number(high)})" if len(group.curves) > 1 else ""))
+                    spread = f" ({_number(low)}–{_number(high)})" if len(group.curves) > 1 else ""
+                    cells.append(_number(mean) + spread)
                 if ratio:
                     cells.append(f"{group.at(lengths[-1])[0] / group.at(train)[0]:.3f}"
                                  if {train, lengths[-1]} <= set(have) else "")

@@ -17,8 +17,9 @@
     registered_model.py  the model MLflow registers: a python_function logged as code, weights as tensors.
     evaluate.py    `gss eval`: perplexity against evaluation length, in pieces with the state carried, on
                    Scorer actors; and the validation of checkpoints during training.
-    tracking.py    MLflow: where the store is, one run per stage, and the names (`Tag`, the registered model,
-                   its alias) by which the stages find each other's results.
+    tracking.py    MLflow: the store of a command (`Tracking`), one run per stage, the names (`Tag`, the
+                   registered model, its alias) by which the stages find each other's results and the queries
+                   over them; the background logger of the training workers.
     logs.py        the terminal for people; the libraries' chatter to `<root>/logs/gss.log`.
     cluster.py     connecting to Ray, or starting a local cluster.
 """

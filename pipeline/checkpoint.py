@@ -310,7 +310,8 @@ class Checkpointer:
         """
         import ray.train
 
-        validate = self.validate_every > 0 and (step == self.last_step or step % (self.every * self.validate_every) == 0)
+        validate = self.validate_every > 0 and (step == self.last_step
+                                                or step % (self.every * self.validate_every) == 0)
         with tempfile.TemporaryDirectory() as folder:
             try:
                 save(folder, model, optimizer, step, self.model_config, self.rank)

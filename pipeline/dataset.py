@@ -407,7 +407,8 @@ class TrainRows:
 
 
 def eval_documents(dataset_url: str, split: str, limit: int | None = None) -> list[dict[str, Any]]:
-    """Documents of an evaluation split in corpus order, pieces joined: {doc, tokens (int64), n_words, n_bytes, source}."""
+    """Documents of an evaluation split in corpus order, pieces joined: {doc, tokens (int64), n_words, n_bytes,
+    source}."""
     manifest = load_manifest(dataset_url)
     docs: dict[tuple[int, int], dict[str, Any]] = {}  # (shard, doc in the shard)
     for k, shard in enumerate(manifest["splits"][split]["shards"]):

@@ -31,7 +31,7 @@ from pipeline import checkpoint
 from pipeline.config import RunConfig
 from pipeline.dataset import check_shards, dataset_dir, eval_documents, is_complete, load_manifest
 from pipeline.lease import hold_lease
-from pipeline.tracking import Tag, default_model_uri, resolve_model_uri, tag_is
+from pipeline.tracking import Tag, Tracking, default_model_uri, finished_evals, log_params
 
 
 class EvalError(RuntimeError):
@@ -205,18 +205,20 @@ def metrics_at_length(nll: np.ndarray, docs: list[dict[str, Any]]) -> dict[str, 
 # Models: a checkpoint folder or an MLflow model URI
 
 
-def load_model(ref: str) -> LoadedModel:
-    """A `gss train` checkpoint folder (local or gs://), or an MLflow model URI (models:/name@alias, /version)."""
+def load_model(ref: str, tracking: Tracking | None = None) -> LoadedModel:
+    """A `gss train` checkpoint folder (local or gs://), or an MLflow model URI (models:/name@alias, /version) of
+    the store of `tracking`."""
     if ref.startswith("models:/"):
         import mlflow.pyfunc
-        from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
+        if tracking is None:
+            raise ValueError(f"load_model({ref!r}) needs the store the model is registered in: pass tracking=")
         try:
-            name, _, number = resolve_model_uri(ref).removeprefix("models:/").partition("/")
-            version = MlflowClient().get_model_version(name, number)
+            name, _, number = tracking.resolve_model_uri(ref).removeprefix("models:/").partition("/")
+            version = tracking.client.get_model_version(name, number)
         except MlflowException as e:
-            raise EvalError(f"no registered model {ref} in {mlflow.get_tracking_uri()} ({e.message}); "
+            raise EvalError(f"no registered model {ref} in {tracking.uri} ({e.message}); "
                             "train it first (`gss train` / `gss run`) or give eval.model=<checkpoint folder>") from None
         model = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}").unwrap_python_model().model
         return LoadedModel(model, f"models:/{name}/{version.version}", version.tags.get(Tag.DATASET, ""),
@@ -341,24 +343,24 @@ def suite_keys(todo: dict[str, list[int]]) -> list[str]:
     return [f"{split}:{length}" for split, lengths in todo.items() for length in lengths]
 
 
-def eval_stage(cfg: RunConfig, model_ref: str | None = None, todo: dict[str, list[int]] | None = None) -> dict:
+def eval_stage(cfg: RunConfig, model_ref: str | None = None, todo: dict[str, list[int]] | None = None,
+               tracking: Tracking | None = None) -> dict:
     """`evaluate` as an MLflow stage run: metrics per length (step = length), a table, the plot."""
     import mlflow
 
-    from pipeline import tracking
     from pipeline.storage import filesystem, join, write_bytes_atomic
 
-    tracking.setup(cfg)
-    loaded = load_model(model_ref or default_model_uri(cfg))
+    tracking = tracking or Tracking.of(cfg)
+    loaded = load_model(model_ref or default_model_uri(cfg), tracking)
     dataset = dataset_dir(cfg)
     todo = todo or suite(cfg)
-    info = _training_info(loaded)
+    info = _training_info(loaded, tracking.client)
     print(f"[eval] {loaded.uri} on {dataset}")
     tags = {Tag.MODEL_URI: loaded.uri, Tag.DATASET: dataset, Tag.ARCH: loaded.model.cfg.arch,
             Tag.MAX_DOCUMENTS: str(cfg.eval.max_documents)}
     out_dir = join(cfg.root, "eval", cfg.name)
     with hold_lease(out_dir, "gss eval"), tracking.stage_run(cfg, "eval", tags) as run:
-        tracking.log_params({"eval": dataclasses.asdict(cfg.eval), "model": dataclasses.asdict(loaded.model.cfg),
+        log_params({"eval": dataclasses.asdict(cfg.eval), "model": dataclasses.asdict(loaded.model.cfg),
                              "model.parameters": loaded.model.num_parameters(), **info["params"]})
         rows = evaluate(cfg, loaded, todo)
         for r in rows:
@@ -384,14 +386,12 @@ def eval_stage(cfg: RunConfig, model_ref: str | None = None, todo: dict[str, lis
     return {"run_id": run.info.run_id, "rows": rows, "plot": join(out_dir, "ppl_vs_length.png")}
 
 
-def _training_info(loaded: LoadedModel) -> dict[str, Any]:
+def _training_info(loaded: LoadedModel, client) -> dict[str, Any]:
     """What the comparison table shows about how the model was trained, from its MLflow training run."""
     info: dict[str, Any] = {"params": {}, "metrics": {}, "train_length": None}
     if not loaded.train_run_id:
         return info
-    from mlflow import MlflowClient
-
-    train = MlflowClient().get_run(loaded.train_run_id)
+    train = client.get_run(loaded.train_run_id)
     info["params"] = {"train.run_id": loaded.train_run_id, "train.preset": train.data.params.get("train.preset", "")}
     metrics = train.data.metrics
     if "tokens_seen" in metrics:
@@ -409,18 +409,13 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return "\n".join([",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in rows]) + "\n"
 
 
-def suite_todo(cfg: RunConfig, model_ref: str) -> dict[str, list[int]]:
+def suite_todo(cfg: RunConfig, model_ref: str, tracking: Tracking | None = None) -> dict[str, list[int]]:
     """The (split, length) pairs of the config's suite that no finished eval run of this model has yet."""
-    from mlflow import MlflowClient
-
-    from pipeline import tracking
-
-    experiment_id = tracking.setup(cfg)
-    uri = resolve_model_uri(model_ref)
-    query = " AND ".join([tag_is(Tag.STAGE, "eval"), tag_is(Tag.MODEL_URI, uri), tag_is(Tag.DATASET, dataset_dir(cfg)),
-                          tag_is(Tag.MAX_DOCUMENTS, str(cfg.eval.max_documents)), "attributes.status = 'FINISHED'"])
+    tracking = tracking or Tracking.of(cfg)
+    uri = tracking.resolve_model_uri(model_ref)
     done = set()
-    for run in MlflowClient().search_runs([experiment_id], query):
+    for run in finished_evals(tracking.client, [tracking.experiment_id], model_uri=uri, dataset=dataset_dir(cfg),
+                              max_documents=cfg.eval.max_documents):
         done.update(json.loads(run.data.tags.get(Tag.EVAL_DONE, "[]")))
     todo = {split: [n for n in lengths if f"{split}:{n}" not in done] for split, lengths in suite(cfg).items()}
     return {split: lengths for split, lengths in todo.items() if lengths}

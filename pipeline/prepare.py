@@ -60,6 +60,7 @@ from pipeline.lease import hold_lease
 from pipeline.sources import Unit, in_sample, plan_units, read_unit, split_files
 from pipeline.storage import filesystem, join, read_json, write_bytes_atomic, write_json_atomic
 from pipeline.tokenizer import Tokenizer, train_tokenizer, training_pieces
+from pipeline.tracking import Tag, Tracking, log_params
 
 ItemCallback = Callable[[dict], None]  # called with each finished unit's result
 
@@ -409,17 +410,16 @@ def _pack_tails(fs, out: str, indices: list[int], seq_len: int, page_checksum: b
     return write_shard(fs, out, "train", len(indices), table, page_checksum)
 
 
-def prepare_stage(cfg: RunConfig, on_item: ItemCallback | None = None) -> dict[str, Any]:
+def prepare_stage(cfg: RunConfig, on_item: ItemCallback | None = None,
+                  tracking: Tracking | None = None) -> dict[str, Any]:
     """`prepare` as a tracked stage: an MLflow run with the config, the counts, the manifest and the tokenizer;
     one writer of the dataset folder at a time (its lease, `pipeline.lease`)."""
     import mlflow
 
-    from pipeline import tracking
-    from pipeline.tracking import Tag
-
+    tracking = tracking or Tracking.of(cfg)
     dataset = dataset_dir(cfg)
     with hold_lease(dataset, "gss prepare"), tracking.stage_run(cfg, "prepare", {Tag.DATASET: dataset}):
-        tracking.log_params({"data": resolved_data_config(cfg)})
+        log_params({"data": resolved_data_config(cfg)})
         manifest = prepare(cfg, on_item)
         stats = manifest["stats"]
         mlflow.set_tags({Tag.TOKENIZER_SHA256: manifest["tokenizer"]["sha256"], Tag.SKIPPED: stats["skipped"]})

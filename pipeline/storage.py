@@ -6,9 +6,9 @@ import contextlib
 import errno
 import json
 import os
-import shutil
 import posixpath
 import re
+import shutil
 import uuid
 from typing import Any
 

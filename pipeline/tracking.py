@@ -1,10 +1,11 @@
-"""MLflow for every stage: where the store is, one run per stage (nested under a parent when there is one),
-and the names the stages use to find each other's results there: the `gss.*` tags, the registered model
-name and its alias."""
+"""MLflow for every stage: where the store is (`Tracking`, one per command), one run per stage (nested under a
+parent when there is one), the names the stages use to find each other's results there (the `gss.*` tags, the
+registered model name and its alias) and the queries that find them."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -40,14 +41,17 @@ class Tag:
     EVAL_DONE = "gss.eval_done"  # eval: the split:length pairs covered, set as the run's last act
     XLA_FALLBACKS = "gss.xla_fallbacks"  # training on XLA: ops that ran on the host, with counts
     NOTICE = "gss.notice."  # + the time in ns: a training worker's line for the user, which the driver prints
+    SWEEP = "gss.sweep"  # a sweep cell's `gss run` parent run: the sweep's name; its axis values as `sweep_axis(..)`
+    SWEEP_CELL = "gss.sweep.cell"  # and the cell's name
+    PARENT_RUN = "mlflow.parentRunId"  # MLflow's own: the run a nested run belongs to
+
+    @staticmethod
+    def sweep_axis(axis: str) -> str:
+        return f"{Tag.SWEEP}.{axis}"
 
 
 ALIAS = "current"  # the alias `gss train` moves to each newly registered version (`latest` is reserved)
-
-
-def tag_is(key: str, value: str) -> str:
-    """An MLflow search filter on a tag."""
-    return f"tags.`{key}` = '{value}'"
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a param's value
 
 
 def registered_name(cfg: RunConfig) -> str:
@@ -58,16 +62,6 @@ def registered_name(cfg: RunConfig) -> str:
 def default_model_uri(cfg: RunConfig) -> str:
     """`eval.model`, else the run's registered model at its alias."""
     return cfg.eval.model or f"models:/{registered_name(cfg)}@{ALIAS}"
-
-
-def resolve_model_uri(ref: str) -> str:
-    """models:/name@alias -> models:/name/<version>, so results are recorded against a fixed version."""
-    if ref.startswith("models:/") and "@" in ref:
-        from mlflow import MlflowClient
-
-        name, _, alias = ref.removeprefix("models:/").partition("@")
-        return f"models:/{name}/{MlflowClient().get_model_version_by_alias(name, alias).version}"
-    return ref
 
 
 def tracking_uri(cfg: RunConfig) -> str:
@@ -124,17 +118,52 @@ def check_reachable(uri: str) -> None:
         ) from None
 
 
-def setup(cfg: RunConfig) -> str:
-    """Point MLflow at the store and experiment of this config; returns the experiment id."""
-    import mlflow
+@dataclasses.dataclass(frozen=True)
+class Tracking:
+    """The MLflow store and experiment of one command: `Tracking.of(cfg)` where the command starts (the server's
+    health and our credentials checked once, the experiment made if it is new), then handed to the stages it
+    runs; a stage called alone makes its own. Training workers get `uri` in their payload."""
 
-    uri = tracking_uri(cfg)
-    check_reachable(uri)
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
-    if experiment is not None:
-        return experiment.experiment_id
-    return mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location(cfg, uri))
+    uri: str
+    experiment_id: str
+    client: Any  # mlflow.MlflowClient(uri)
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> Tracking:
+        import mlflow
+        from mlflow import MlflowClient
+
+        uri = tracking_uri(cfg)
+        check_reachable(uri)
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+            cfg.tracking.experiment, artifact_location=artifact_location(cfg, uri))
+        # MLflow's module-level API (start_run, log_model, load_model of models:/...) takes its store from here
+        # and nowhere else: this is the one place that sets it
+        mlflow.set_tracking_uri(uri)
+        return cls(uri, experiment_id, client)
+
+    def resolve_model_uri(self, ref: str) -> str:
+        """models:/name@alias -> models:/name/<version>, so results are recorded against a fixed version."""
+        if ref.startswith("models:/") and "@" in ref:
+            name, _, alias = ref.removeprefix("models:/").partition("@")
+            return f"models:/{name}/{self.client.get_model_version_by_alias(name, alias).version}"
+        return ref
+
+    @contextlib.contextmanager
+    def stage_run(self, cfg: RunConfig, stage: str, tags: dict[str, str]) -> Iterator[Any]:
+        """An MLflow run for one stage, nested under the active run (the `gss run` parent) if there is one."""
+        import mlflow
+
+        parent = mlflow.active_run()
+        with mlflow.start_run(
+            experiment_id=self.experiment_id,
+            run_name=f"{cfg.name}/{stage}",
+            nested=parent is not None,
+            tags={Tag.STAGE: stage, Tag.RUN_NAME: cfg.name, **tags},
+        ) as run:
+            yield run
 
 
 def artifact_location(cfg: RunConfig, uri: str) -> str | None:
@@ -146,20 +175,55 @@ def artifact_location(cfg: RunConfig, uri: str) -> str | None:
     return absolute(join(cfg.root, "mlartifacts"))
 
 
-@contextlib.contextmanager
-def stage_run(cfg: RunConfig, stage: str, tags: dict[str, str]) -> Iterator[Any]:
-    """An MLflow run for one stage, nested under the active run (the `gss run` parent) if there is one."""
-    import mlflow
+# ---------------------------------------------------------------------------------------------------
+# Named queries: the one place that writes MLflow search filters.
 
-    experiment_id = setup(cfg)
-    parent = mlflow.active_run()
-    with mlflow.start_run(
-        experiment_id=experiment_id,
-        run_name=f"{cfg.name}/{stage}",
-        nested=parent is not None,
-        tags={Tag.STAGE: stage, Tag.RUN_NAME: cfg.name, **tags},
-    ) as run:
-        yield run
+
+def _tag_is(key: str, value: str) -> str:
+    return f"tags.`{key}` = '{value}'"
+
+
+def _search(client, experiment_ids: list[str], *conditions: str) -> list[Any]:
+    """Every run matching all `conditions`, page after page."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, " AND ".join(conditions), max_results=1000, page_token=token)
+        runs += page
+        token = page.token
+        if not token:
+            return runs
+
+
+def run_tagged(client, experiment_ids: list[str], key: str, value: str) -> Any | None:
+    """The run whose tag `key` is `value` (a name that identifies it), or None."""
+    found = client.search_runs(experiment_ids, _tag_is(key, value), max_results=1)
+    return found[0] if found else None
+
+
+def find_or_create_run(client, experiment_id: str, key: str, run_name: str, tags: dict[str, str]) -> tuple[Any, bool]:
+    """The run whose tag `key` is `tags[key]`, found again after an interruption or for a re-run, else a new one
+    with `tags`; and whether it is new."""
+    found = run_tagged(client, [experiment_id], key, tags[key])
+    if found is not None:
+        return found, False
+    return client.create_run(experiment_id, run_name=run_name, tags=tags), True
+
+
+def finished_evals(client, experiment_ids: list[str], model_uri: str = "", parent_run_id: str = "",
+                   dataset: str = "", max_documents: int | None = None) -> list[Any]:
+    """Finished eval runs, of a model version (`gss.model_uri`), of a `gss run` parent, on a dataset, of a
+    `max_documents`: each given one narrows the search."""
+    conditions = [_tag_is(Tag.STAGE, "eval"), "attributes.status = 'FINISHED'"]
+    for key, value in ((Tag.MODEL_URI, model_uri), (Tag.PARENT_RUN, parent_run_id), (Tag.DATASET, dataset),
+                       (Tag.MAX_DOCUMENTS, "" if max_documents is None else str(max_documents))):
+        if value:
+            conditions.append(_tag_is(key, value))
+    return _search(client, experiment_ids, *conditions)
+
+
+def sweep_cells(client, experiment_id: str, sweep: str) -> list[Any]:
+    """The `gss run` parent runs of a sweep's finished cells."""
+    return _search(client, [experiment_id], _tag_is(Tag.SWEEP, sweep))
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -172,10 +236,15 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): value}
 
 
+def param_values(params: dict[str, Any]) -> dict[str, str]:
+    """Nested params as MLflow takes them: flat keys, values as text cut to its limit."""
+    return {key: str(value)[:MAX_PARAM_CHARS] for key, value in flatten(params).items()}
+
+
 def log_params(params: dict[str, Any]) -> None:
     import mlflow
 
-    mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
+    mlflow.log_params(param_values(params))
 
 
 def log_dataset_input(client, run_id: str, dataset: str, digest: str, context: str) -> None:

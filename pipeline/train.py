@@ -67,7 +67,17 @@ from pipeline.storage import (
     write_json_atomic,
 )
 from pipeline.tokenizer import Tokenizer
-from pipeline.tracking import ALIAS, BackgroundLogger, Tag, registered_name, tag_is, unreachable
+from pipeline.tracking import (
+    ALIAS,
+    BackgroundLogger,
+    Tag,
+    Tracking,
+    find_or_create_run,
+    log_dataset_input,
+    param_values,
+    registered_name,
+    unreachable,
+)
 
 DIVERGED = "diverged.json"
 METRICS_LOST = "metrics_lost.txt"  # a worker's line on metrics the tracking server never took
@@ -215,7 +225,8 @@ class MetricsLogger:
 
     def __init__(self, tc: TrainConfig, backend: Backend, tokens_per_step: int, start_step: int,
                  mlflow_run: tuple[str, str] | None):
-        self.every, self.last_step, self.backend, self.tokens_per_step = tc.log_every, tc.steps, backend, tokens_per_step
+        self.every, self.last_step = tc.log_every, tc.steps
+        self.backend, self.tokens_per_step = backend, tokens_per_step
         self.sender, self.system = None, None
         if mlflow_run:
             self.sender, self.system = BackgroundLogger(*mlflow_run, say=_say), SystemMetrics()
@@ -235,7 +246,8 @@ class MetricsLogger:
         self.interval_start, self.interval_first_step = time.perf_counter(), step
         metrics = {"loss": summary[0], "ppl": math.exp(min(summary[0], 50)), "lr": lr, "grad_norm": summary[1],
                    "step_time": seconds, "tokens_per_second": self.tokens_per_step / seconds,
-                   "peak_memory_mb": self.backend.peak_memory_bytes() / 2**20, "tokens_seen": step * self.tokens_per_step}
+                   "peak_memory_mb": self.backend.peak_memory_bytes() / 2**20,
+                   "tokens_seen": step * self.tokens_per_step}
         if val_loss is not None:
             metrics.update(val_loss=summary[2], val_ppl=math.exp(min(summary[2], 50)))
         metrics.update(self.backend.compile_counts())
@@ -356,20 +368,15 @@ def run_folder(cfg: RunConfig) -> str:
     return join(absolute(join(cfg.root, "train")), cfg.name)
 
 
-def train_stage(cfg: RunConfig) -> dict[str, Any]:
+def train_stage(cfg: RunConfig, tracking: Tracking | None = None) -> dict[str, Any]:
     """Train (or resume, or skip if finished) the run `cfg.name`; returns {run_id, checkpoint, model_uri, ...}.
     One driver at a time: it holds the run folder's lease (`pipeline.lease`) before the MLflow run or a checkpoint
     is written, and Ray Train's restarts of the worker group happen inside it."""
     with hold_lease(run_folder(cfg), "gss train"):
-        return _train_stage(cfg)
+        return _train_stage(cfg, tracking)
 
 
-def _train_stage(cfg: RunConfig) -> dict[str, Any]:
-    import mlflow
-    from mlflow import MlflowClient
-
-    from pipeline import tracking
-
+def _train_stage(cfg: RunConfig, tracking: Tracking | None) -> dict[str, Any]:
     dataset = dataset_dir(cfg)
     manifest = load_manifest(dataset)  # a clear error if `gss prepare` has not completed
     model_cfg = model_config(cfg, manifest["tokenizer"]["vocab_size"])
@@ -377,11 +384,11 @@ def _train_stage(cfg: RunConfig) -> dict[str, Any]:
     tc = cfg.train
     scaling_config(tc)  # Ray's checks of the resources asked for, before any MLflow run is made
 
-    experiment_id = tracking.setup(cfg)  # also fails fast on an unreachable tracking server
+    tracking = tracking or Tracking.of(cfg)  # also fails fast on an unreachable tracking server
     # what the workers read: every byte once, before any starts (and after the cheap checks above)
     check_shards(dataset, ["train", "validation"])
-    client = MlflowClient()
-    run = _find_or_create_run(client, experiment_id, cfg, model_cfg, dataset)
+    client = tracking.client
+    run = _training_run(tracking, cfg, model_cfg, dataset)
     if run.info.status == "FINISHED":
         print(f"[train] skipped: {cfg.name} already finished (MLflow run {run.info.run_id})")
         tags = run.data.tags
@@ -390,7 +397,7 @@ def _train_stage(cfg: RunConfig) -> dict[str, Any]:
 
     run_dir = run_folder(cfg)
     payload = {"cfg": to_dict(cfg), "model": dataclasses.asdict(model_cfg), "dataset": dataset,
-               "tracking_uri": mlflow.get_tracking_uri(), "run_id": run.info.run_id, "run_dir": run_dir,
+               "tracking_uri": tracking.uri, "run_id": run.info.run_id, "run_dir": run_dir,
                "xla_cache": xla_cache_dir(cfg.root), "inductor_cache": inductor_cache_dir(cfg.root),
                "validate_every": cfg.eval.during_training}
     trainer = _trainer(cfg, payload)
@@ -584,7 +591,8 @@ class TrainingProgress:
         short = {key: value for key, value in self.need.items() if have.get(key, 0) < value}
         if short and self.short_since is None:
             self.short_since = time.strftime("%H:%M:%S")
-            lacking = ", ".join(f"{key} {value:g} (the cluster has {have.get(key, 0):g})" for key, value in short.items())
+            lacking = ", ".join(f"{key} {value:g} (the cluster has {have.get(key, 0):g})"
+                                for key, value in short.items())
             self.bar.write(f"[train] waiting for the cluster: the workers need {lacking}; a node was lost or is not "
                            "up yet, and training goes on from its last checkpoint once the nodes are there")
         elif not short and self.short_since is not None:
@@ -634,17 +642,20 @@ class TrainingProgress:
             self.bar.set_postfix(shown, refresh=True)
 
 
-def _find_or_create_run(client, experiment_id: str, cfg: RunConfig, model_cfg: ModelConfig, dataset: str):
+def _training_run(tracking: Tracking, cfg: RunConfig, model_cfg: ModelConfig, dataset: str):
     """The MLflow run of this training run name: the same one across restarts and re-runs."""
     import mlflow
     from mlflow.entities import Param
 
-    from pipeline import tracking
-
     identity = fingerprint({"model": dataclasses.asdict(model_cfg), "dataset": dataset})
-    found = client.search_runs([experiment_id], tag_is(Tag.TRAIN_NAME, cfg.name), max_results=1)
-    if found:
-        run = found[0]
+    tags = {Tag.STAGE: "train", Tag.TRAIN_NAME: cfg.name, Tag.RUN_NAME: cfg.name, Tag.DATASET: dataset,
+            Tag.ARCH: model_cfg.arch, Tag.MODEL_DATA: identity}
+    parent = mlflow.active_run()
+    if parent is not None:
+        tags[Tag.PARENT_RUN] = parent.info.run_id
+    client = tracking.client
+    run, created = find_or_create_run(client, tracking.experiment_id, Tag.TRAIN_NAME, f"{cfg.name}/train", tags)
+    if not created:
         if run.data.tags.get(Tag.MODEL_DATA) != identity:  # resuming it would mix two experiments
             raise TrainingError(
                 f"training run {cfg.name!r} already exists (MLflow run {run.info.run_id}) with another model "
@@ -652,18 +663,12 @@ def _find_or_create_run(client, experiment_id: str, cfg: RunConfig, model_cfg: M
         if run.info.status != "FINISHED":
             client.update_run(run.info.run_id, status="RUNNING")
         return run
-    tags = {Tag.STAGE: "train", Tag.TRAIN_NAME: cfg.name, Tag.RUN_NAME: cfg.name, Tag.DATASET: dataset,
-            Tag.ARCH: model_cfg.arch, Tag.MODEL_DATA: identity}
-    parent = mlflow.active_run()
-    if parent is not None:
-        tags["mlflow.parentRunId"] = parent.info.run_id
-    run = client.create_run(experiment_id, run_name=f"{cfg.name}/train", tags=tags)
     with torch.device("meta"):
         params = build_model(model_cfg).num_parameters()
-    flat = tracking.flatten({"train": to_dict(cfg.train), "model": dataclasses.asdict(model_cfg)})
-    flat.update({"model.parameters": params, "dataset": dataset})
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()])
-    tracking.log_dataset_input(client, run.info.run_id, dataset, fingerprint(load_manifest(dataset)["identity"]),
+    values = param_values({"train": to_dict(cfg.train), "model": dataclasses.asdict(model_cfg),
+                           "model.parameters": params, "dataset": dataset})
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in values.items()])
+    log_dataset_input(client, run.info.run_id, dataset, fingerprint(load_manifest(dataset)["identity"]),
                                "training")
     return client.get_run(run.info.run_id)
 

@@ -58,3 +58,34 @@ def test_the_cycle_check_sees_a_cycle_through_a_function_level_import(tmp_path):
     (tmp_path / "jobs" / "a.py").write_text("from jobs.b import f\n")
     (tmp_path / "jobs" / "b.py").write_text("def f():\n    from jobs import a\n")
     assert find_cycle(graph(tmp_path)) == ["jobs.a", "jobs.b", "jobs.a"]
+
+
+def test_mlflow_search_filters_and_tags_are_written_in_tracking_alone():
+    """Every query the pipeline makes of MLflow is a named one in pipeline/tracking.py, every tag it sets is a
+    `Tag` (a filter or a tag name written by hand elsewhere would drift from the tags as they change), and every
+    client is given its store's address (one without takes whatever store the process last pointed MLflow at)."""
+    import re
+
+    from pipeline.tracking import Tag
+
+    tags = {value for key, value in vars(Tag).items() if key.isupper()}
+    by_hand = re.compile(r"search_runs\(|search_model_versions\(|tags\.`|attributes\.|MlflowClient\(\)")
+    for package in ("pipeline", "jobs"):
+        for path in (REPO / package).glob("*.py"):
+            if path.name == "tracking.py":
+                continue
+            source = path.read_text()
+            strings = {node.value for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Constant)
+                       and isinstance(node.value, str)}
+            assert not {s for s in strings if any(s.startswith(tag) for tag in tags)}, path.relative_to(REPO)
+            assert not [line for line in source.splitlines() if by_hand.search(line)], path.relative_to(REPO)
+
+
+def test_ruff_finds_nothing():
+    """pyproject.toml's rules: pyflakes, pycodestyle (lines of at most 120 characters), import order."""
+    import subprocess
+    import sys
+
+    found = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=REPO, capture_output=True,
+                           text=True)
+    assert found.returncode == 0, found.stdout[-5000:]

@@ -53,7 +53,8 @@ def test_pieces_with_carried_state_equal_whole_windows(arch):
 
 
 def test_metrics_count_every_token_word_and_byte():
-    docs = [{"tokens": np.zeros(10), "n_words": 4, "n_bytes": 20}, {"tokens": np.zeros(30), "n_words": 6, "n_bytes": 60}]
+    docs = [{"tokens": np.zeros(10), "n_words": 4, "n_bytes": 20},
+            {"tokens": np.zeros(30), "n_words": 6, "n_bytes": 60}]
     m = metrics_at_length(np.array([10.0, 30.0]), docs)
     assert m["loss"] == pytest.approx(1.0) and m["token_ppl"] == pytest.approx(math.e)
     assert m["word_ppl"] == pytest.approx(math.exp(40 / 10))

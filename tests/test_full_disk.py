@@ -22,7 +22,6 @@ from tests.corpus import (
     run_config,
     start_train,
     train_run,
-    wait_for,
     write_pg19,
 )
 

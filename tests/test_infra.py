@@ -284,7 +284,8 @@ def test_the_h100_recipe_fits_one_node_of_each_cluster(cluster):
 
     node = cluster["available_node_types"]["gpu_h100x8"]
     [accelerator] = node["node_config"]["guestAccelerators"]
-    assert accelerator["acceleratorType"] == "nvidia-h100-80gb" and node["node_config"]["machineType"] == "a3-highgpu-8g"
+    assert accelerator["acceleratorType"] == "nvidia-h100-80gb"
+    assert node["node_config"]["machineType"] == "a3-highgpu-8g"
     [pod] = [g for g in the_doc("RayCluster")["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu-h100x8"]
     assert pod["template"]["spec"]["nodeSelector"]["cloud.google.com/gke-accelerator"] == "nvidia-h100-80gb"
     pod_gpus = int(pod["template"]["spec"]["containers"][0]["resources"]["requests"]["nvidia.com/gpu"])

@@ -128,12 +128,12 @@ def test_hold_lease_is_reentrant_in_one_process_and_says_when_the_lease_was_take
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, ray_cluster):
-    from pipeline import tracking
     from pipeline.config import load_config
+    from pipeline.tracking import Tracking
 
     root = prepared(tmp_path_factory.mktemp("lease"), counts=(4, 2, 2), words=(2000, 3000))
     # the MLflow store made once, here: two launches at once would both create its tables
-    tracking.setup(load_config(None, as_overrides(run_config(root / "out", root / "corpus", "base"))))
+    Tracking.of(load_config(None, as_overrides(run_config(root / "out", root / "corpus", "base"))))
     return root
 
 

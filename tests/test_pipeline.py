@@ -132,8 +132,8 @@ def test_the_console_shows_the_stages_and_the_libraries_talk_to_the_log_file(tmp
     assert job.returncode == 0, printed[-3000:]
     lines = printed.splitlines()
     assert len(lines) < 60, printed
-    for stage in ("[prepare] tokenize", "[prepare] dataset", "[train]", "[train] registering the final model as gss-quiet",
-                  "[eval] test       L=    64", "logs:"):
+    for stage in ("[prepare] tokenize", "[prepare] dataset", "[train]",
+                  "[train] registering the final model as gss-quiet", "[eval] test       L=    64", "logs:"):
         assert stage in printed, stage
     for chatter in ("INFO", "WARNING", "Traceback", "PlacementGroupCleaner", "Reporting training result",
                     "Successfully registered model", "core_worker.cc"):

@@ -6,8 +6,17 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import build_model
-from models.ssm import (DiagonalSSM, complex_powers, conv_direct, conv_fft, fft_size, scan_chunked, scan_ref,
-                        scan_step, scan_step_)
+from models.ssm import (
+    DiagonalSSM,
+    complex_powers,
+    conv_direct,
+    conv_fft,
+    fft_size,
+    scan_chunked,
+    scan_ref,
+    scan_step,
+    scan_step_,
+)
 
 from .seed import TEST_SEED
 from .tiny import tiny_config
@@ -117,8 +126,8 @@ def test_kernel_is_the_dss_formula():
     ssm = make_ssm().double()
     Lambda = -torch.exp(ssm.Lambda_re) + 1j * torch.exp(ssm.Lambda_im)
     C = ssm.C_re + 1j * ssm.C_im
-    l = torch.arange(30, dtype=torch.float64)
-    expected = ((C * (torch.exp(Lambda) - 1) / Lambda) @ torch.exp(Lambda[:, None] * l[None, :])).real
+    t = torch.arange(30, dtype=torch.float64)
+    expected = ((C * (torch.exp(Lambda) - 1) / Lambda) @ torch.exp(Lambda[:, None] * t[None, :])).real
     torch.testing.assert_close(ssm.kernel(30), expected)
 
 

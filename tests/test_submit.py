@@ -100,8 +100,9 @@ def token_head():
 
     root = Path(tempfile.mkdtemp(prefix="gss-auth-", dir="/tmp"))  # short: Ray's socket paths live under it
     token = secrets.token_hex(32)  # what `ray get-auth-token --generate` makes
-    ports = {flag: _free_port() for flag in ("dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                             "ray-client-server-port", "metrics-export-port", "runtime-env-agent-port")}
+    flags = ("dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "ray-client-server-port",
+             "metrics-export-port", "runtime-env-agent-port")
+    ports = {flag: _free_port() for flag in flags}
     env = _without_ray_auth(fresh_process_env()) | {
         "HOME": str(root), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # the job's `python`
@@ -166,7 +167,8 @@ def test_submit_sends_the_token_from_where_ray_looks(token_head, tmp_path):
     job_id = re.search(r"submitted (\S+)", done.stdout).group(1)
 
     (tmp_path / "elsewhere").write_text(token + "\n")  # as `ray get-auth-token > FILE` or an editor leaves it
-    by_path = gss_submit(tmp_path, "--address", url, "--status", job_id, RAY_AUTH_TOKEN_PATH=str(tmp_path / "elsewhere"))
+    by_path = gss_submit(tmp_path, "--address", url, "--status", job_id,
+                         RAY_AUTH_TOKEN_PATH=str(tmp_path / "elsewhere"))
     assert by_path.stdout.strip() == "SUCCEEDED", (by_path.stderr[-2000:], token_head.state())
 
     (tmp_path / ".ray").mkdir()

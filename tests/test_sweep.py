@@ -4,9 +4,9 @@ comparison; a re-run trains nothing."""
 import pytest
 import yaml
 
-from jobs.sweep import (SWEEP_TAG, Cell, Sweep, _plot_best, best_lines, group_curves, load_sweep, select, summarize,
-                        sweep)
+from jobs.sweep import Cell, Sweep, _plot_best, best_lines, group_curves, load_sweep, select, summarize, sweep
 from pipeline.config import ConfigError
+from pipeline.tracking import Tag, sweep_cells
 from tests.corpus import run_config, write_pg19
 
 
@@ -35,8 +35,8 @@ def test_a_sweep_runs_every_cell_reports_the_broken_one_and_compares_them(sweep_
     assert sorted(first["failed"]) == ["tiny-a-typo", "tiny-b-typo"]
     assert "train.preset='small-gsss'" in first["failed"]["tiny-a-typo"]
     client = MlflowClient()
-    parents = client.search_runs(client.get_experiment_by_name("gss").experiment_id, f"tags.`{SWEEP_TAG}` = 'tiny'")
-    assert sorted(r.data.tags[f"{SWEEP_TAG}.arch"] for r in parents) == ["gss", "gss", "transformer", "transformer"]
+    parents = sweep_cells(client, client.get_experiment_by_name("gss").experiment_id, "tiny")
+    assert sorted(r.data.tags[Tag.sweep_axis("arch")] for r in parents) == ["gss", "gss", "transformer", "transformer"]
     assert all(r.info.status == "FINISHED" for r in parents)
     rows = first["rows"]["token_ppl"]
     assert len(rows) == 4 and all(set(r["lengths"]) == {64, 128} for r in rows)
@@ -63,7 +63,8 @@ def test_a_sweep_file_is_checked(tmp_path):
     (tmp_path / "t.yaml").write_text(yaml.safe_dump({"name": "x", "axes": {"a": {"1": {}}}, "axis": {}}))
     with pytest.raises(ConfigError, match="unknown: \\['axis'\\]"):
         load_sweep(str(tmp_path / "t.yaml"))
-    (tmp_path / "u.yaml").write_text(yaml.safe_dump({"name": "x", "axes": {"a": {"1": {}, "2": {}}, "b": {"3": {}, "4": {}}}}))
+    axes = {"a": {"1": {}, "2": {}}, "b": {"3": {}, "4": {}}}
+    (tmp_path / "u.yaml").write_text(yaml.safe_dump({"name": "x", "axes": axes}))
     spec = load_sweep(str(tmp_path / "u.yaml"))
     assert select(spec, []) == ["x-1-3", "x-1-4", "x-2-3", "x-2-4"]
     assert select(spec, ["a=2"]) == ["x-2-3", "x-2-4"] and select(spec, ["a=2", "b=3"]) == ["x-2-3"]

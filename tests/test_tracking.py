@@ -5,7 +5,7 @@ import time
 import pytest
 
 from pipeline.config import ConfigError, load_config
-from pipeline.tracking import flatten, setup, tracking_uri
+from pipeline.tracking import Tracking, flatten, tracking_uri
 
 
 def test_default_store_is_sqlite_in_the_root(tmp_path):
@@ -18,7 +18,7 @@ def test_default_store_is_sqlite_in_the_root(tmp_path):
 def test_unreachable_tracking_server_is_a_clear_error_before_any_work(tmp_path):
     cfg = load_config(None, [f"root={tmp_path}", "tracking.uri=http://127.0.0.1:9"])
     with pytest.raises(ConfigError, match="http://127.0.0.1:9 is not reachable.*infra/mlflow"):
-        setup(cfg)
+        Tracking.of(cfg)
 
 
 def test_flatten():

@@ -43,7 +43,8 @@ def test_schedule():
 @pytest.mark.parametrize("arch", ["gss", "dss", "hybrid"])
 def test_the_ssm_parameters_and_vectors_get_no_weight_decay(arch):
     model = build_model(tiny_config(arch))
-    decay, no_decay = (group["params"] for group in make_optimizer(model, TrainConfig(weight_decay=0.1), no_weight_decay(model)).param_groups)
+    groups = make_optimizer(model, TrainConfig(weight_decay=0.1), no_weight_decay(model)).param_groups
+    decay, no_decay = (group["params"] for group in groups)
     names = {id(p): name for name, p in model.named_parameters()}
     ssm = {name for name, _ in model.named_parameters() if ".ssm." in name}
     assert ssm and ssm <= {names[id(p)] for p in no_decay}  # Λ, C and D, matrices or not
