@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+
+Command = Callable[[argparse.Namespace], None]  # a cmd_* function below
 
 
 def cmd_params(args: argparse.Namespace) -> None:
@@ -117,7 +120,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from jobs.export import export
 
-    generate = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["generate"]
+    generate = build_parser()[1]["generate"]
     sampling = {"do_sample": True, "temperature": generate.get_default("temperature"),
                 "top_k": generate.get_default("top_k")}  # `gss generate`'s defaults
     export(_config(args), args.model_uri, args.out_dir, force=args.force, sampling=sampling)
@@ -137,30 +140,26 @@ def cmd_submit(args: argparse.Namespace) -> None:
     submit_main(args, [c for c in command_names() if c != "submit"])
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The `gss` parser, and its subcommands' parsers by name (argparse has no public way from one to the others)."""
     parser = argparse.ArgumentParser(prog="gss", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    subparsers: dict[str, argparse.ArgumentParser] = {}
 
-    prepare = commands.add_parser(
-        "prepare", help="tokenize and pack a corpus into Parquet shards (Ray Data)",
-        description="Train (or take) a SentencePiece tokenizer, tokenize and pack a corpus into Parquet shards.",
-    )
-    prepare.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG] [key.sub=value ...]")
-    prepare.set_defaults(func=cmd_prepare)
-
-    train = commands.add_parser(
-        "train", help="train a model on prepared shards (Ray Train; cpu, cuda or xla), tracked in MLflow",
-        description="Train on the shards `gss prepare` wrote for the same data config; re-running resumes.",
-    )
-    train.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG] [key.sub=value ...]")
-    train.set_defaults(func=cmd_train)
-
-    def staged(name: str, help: str, description: str, func) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help, description=description)
-        sub.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG] [key.sub=value ...]")
+    def command(name: str, func: Command, **text: str) -> argparse.ArgumentParser:
+        sub = subparsers[name] = commands.add_parser(name, **text)
         sub.set_defaults(func=func)
         return sub
 
+    def staged(name: str, help: str, description: str, func: Command) -> argparse.ArgumentParser:
+        sub = command(name, func, help=help, description=description)
+        sub.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG] [key.sub=value ...]")
+        return sub
+
+    staged("prepare", "tokenize and pack a corpus into Parquet shards (Ray Data)",
+           "Train (or take) a SentencePiece tokenizer, tokenize and pack a corpus into Parquet shards.", cmd_prepare)
+    staged("train", "train a model on prepared shards (Ray Train; cpu, cuda or xla), tracked in MLflow",
+           "Train on the shards `gss prepare` wrote for the same data config; re-running resumes.", cmd_train)
     staged("eval", "perplexity against evaluation length (zero-shot beyond the training length), to MLflow",
            "Score a model (eval.model: a checkpoint folder or an MLflow model URI; default: this run's registered "
            "model) on eval.splits at eval.lengths: token and word-level perplexity, bits per byte, a plot.", cmd_eval)
@@ -191,30 +190,30 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--eager", action="store_true",
                           help="run the eager step (the reference), not the compiled one (and its CUDA graph)")
 
-    export = commands.add_parser(
-        "export", help="write a Hugging Face model folder (transformers, trust_remote_code) for a model",
+    export = command(
+        "export", cmd_export, help="write a Hugging Face model folder (transformers, trust_remote_code) for a model",
         description="MODEL_URI: models:/name/version, models:/name@current, or a checkpoint folder (local or gs://; "
                     "its tokenizer is CONFIG's dataset's). CONFIG and overrides say where MLflow and the data are.")
     export.add_argument("model_uri", metavar="MODEL_URI")
     export.add_argument("out_dir", metavar="OUT_DIR")
     export.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG] [key.sub=value ...]")
     export.add_argument("--force", action="store_true", help="replace OUT_DIR if it is not empty")
-    export.set_defaults(func=cmd_export)
 
-    sweep = commands.add_parser(
-        "sweep", help="a base config x the axes to vary: every cell a `gss run` on the cluster, then one comparison",
+    sweep = command(
+        "sweep", cmd_sweep,
+        help="a base config x the axes to vary: every cell a `gss run` on the cluster, then one comparison",
         description="SWEEP.yaml names a base config, overrides for every cell and the axes to vary (see "
-                    "configs/sweep-miniature.yaml). Datasets are prepared once; cells run side by side as the cluster's "
-                    "resources allow; finished cells are skipped on a re-run; a failed cell does not stop the others.")
+                    "configs/sweep-miniature.yaml). Datasets are prepared once; cells run side by side as the "
+                    "cluster's resources allow; finished cells are skipped on a re-run; a failed cell does not stop "
+                    "the others.")
     sweep.add_argument("sweep", metavar="SWEEP.yaml")
     sweep.add_argument("overrides", nargs="*", metavar="key.sub=value", help="for every cell, after the sweep's own")
     sweep.add_argument("--only", action="append", metavar="AXIS=VALUE",
                        help="run only the cells with this value (repeatable: all must hold); the summary still "
                             "covers every finished cell of the sweep under root")
-    sweep.set_defaults(func=cmd_sweep)
 
-    submit = commands.add_parser(
-        "submit", help="submit a gss command to a Ray cluster (Ray Jobs API); follow, status, logs, stop",
+    submit = command(
+        "submit", cmd_submit, help="submit a gss command to a Ray cluster (Ray Jobs API); follow, status, logs, stop",
         description="gss submit [--address URL] [--no-wait] -- gss <command> [CONFIG] [key=value ...]; "
                     "or --status/--logs/--stop JOB_ID. The project, MLflow and storage settings travel with it.")
     submit.add_argument("--address", default="", help="the cluster's dashboard URL (default $RAY_ADDRESS, "
@@ -224,31 +223,28 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--logs", metavar="JOB_ID")
     submit.add_argument("--stop", metavar="JOB_ID")
     submit.add_argument("command", nargs=argparse.REMAINDER, help="-- gss <command> ...")
-    submit.set_defaults(func=cmd_submit)
 
-    params = commands.add_parser("params", help="parameter counts of the model presets")
+    params = command("params", cmd_params, help="parameter counts of the model presets")
     params.add_argument("presets", nargs="*")
-    params.set_defaults(func=cmd_params)
-    return parser
+    return parser, subparsers
 
 
 def command_names() -> list[str]:
     """The `gss` subcommands."""
-    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return list(subparsers.choices)
+    return list(build_parser()[1])
 
 
 def main(argv: list[str] | None = None) -> None:
+    from jobs.export import ExportError
     from pipeline.cluster import ClusterError
     from pipeline.config import ConfigError
     from pipeline.dataset import DatasetError
-    from jobs.export import ExportError
     from pipeline.evaluate import EvalError
     from pipeline.sources import SourceError
     from pipeline.storage import StorageError, explain, storage_failure
     from pipeline.train import TrainingError
 
-    args = build_parser().parse_args(argv)
+    args = build_parser()[0].parse_args(argv)
     errors = (ConfigError, SourceError, StorageError, DatasetError, TrainingError, EvalError, ExportError,
               ClusterError)
     try:

@@ -54,6 +54,7 @@ def auth_headers() -> dict[str, str]:
 
     Ray's JobSubmissionClient adds this header itself only when RAY_AUTH_MODE=token is set in this process (a
     setting for the clusters a process starts); a client of a remote cluster sends the token it has."""
+    # private, as in `ray get-auth-token`: no public API gives the token or reads every place Ray keeps it in
     from ray._raylet import AuthenticationTokenLoader
     from ray.exceptions import AuthenticationError
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -213,24 +215,32 @@ def xla_backend_config() -> Any:
     while this path runs torch_xla SPMD. (MegaScale variables for multislice runs are not set here.)
     """
     import ray
-    import torch.distributed as dist
-    from ray._common.network_utils import build_address
-    from ray.train._internal.utils import get_address_and_port
     from ray.train.backend import Backend as RayBackend
     from ray.train.backend import BackendConfig
-    from ray.train.torch.config import _setup_torch_process_group
 
     # PJRT picks the TPU on TPU VMs; the tests run it on the CPU with PJRT_DEVICE=CPU and CPU_NUM_DEVICES.
     runtime = {"PJRT_DEVICE": "TPU", **{k: os.environ[k] for k in ("PJRT_DEVICE", "CPU_NUM_DEVICES") if k in os.environ}}
 
+    def meeting_point() -> str:
+        """tcp://<this node's address>:<a free port>, for the process group's workers to meet at."""
+        host = ray.util.get_node_ip_address()
+        ipv6 = ":" in host
+        with socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET) as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return f"tcp://[{host}]:{port}" if ipv6 else f"tcp://{host}:{port}"
+
+    def join_process_group(init_method: str, world_rank: int, world_size: int) -> None:
+        dist.init_process_group("gloo", init_method=init_method, rank=world_rank, world_size=world_size,
+                                timeout=timedelta(seconds=1800))
+
     class _XLABackend(RayBackend):
         def on_start(self, worker_group, backend_config):
             worker_group.execute(lambda: os.environ.update(runtime))
-            host, port = worker_group.execute_single(0, get_address_and_port)
+            init_method = worker_group.execute_single(0, meeting_point)  # on rank 0's node
             world = len(worker_group)
-            ray.get([worker_group.execute_single_async(rank, _setup_torch_process_group, backend="gloo",
-                                                       world_rank=rank, world_size=world,
-                                                       init_method=f"tcp://{build_address(host, port)}", timeout_s=1800)
+            # positional: `rank` is execute_single_async's own first argument
+            ray.get([worker_group.execute_single_async(rank, join_process_group, init_method, rank, world)
                      for rank in range(world)])
 
         def on_shutdown(self, worker_group, backend_config):

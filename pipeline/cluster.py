@@ -37,7 +37,8 @@ def connect(cfg: RayConfig) -> None:
         else:
             # "local": a new cluster even if another one on this machine left its address behind in /tmp/ray
             ray.init(address="local", num_cpus=cfg.num_cpus or None, include_dashboard=cfg.dashboard, **quiet)
-        link_ray_session_logs()
+        if not address.startswith("ray://"):  # a Ray Client driver has no Ray session on this machine
+            link_ray_session_logs()
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # results in input order: everything built from them is deterministic
     context.enable_progress_bars = False  # each stage draws its own
@@ -46,7 +47,7 @@ def connect(cfg: RayConfig) -> None:
 def check_reachable(address: str) -> None:
     """Raise ClusterError unless `address` (host:port, ray://host:port, or "auto": the address file in Ray's temp
     folder) accepts a TCP connection within REACH_TIMEOUT_S."""
-    from ray._private.utils import read_ray_address
+    from ray._private.utils import read_ray_address  # private: no public API finds "auto"'s address without joining
 
     target = read_ray_address() if address == "auto" else address.removeprefix("ray://")
     what_to_do = ("start it (`ray start --head`, or `ray up ray_cluster.yaml`), or unset RAY_ADDRESS and ray.address "

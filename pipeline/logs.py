@@ -121,17 +121,17 @@ def printed_to_log(logger_name: str) -> Iterator[None]:
 
 
 def link_ray_session_logs() -> None:
-    """`<log folder>/ray` -> this Ray session's log folder (workers, controller, Ray Data), when routing is on."""
+    """`<log folder>/ray` -> this Ray session's log folder (workers, controller, Ray Data), when routing is on; for a
+    driver on a Ray node (not one through Ray Client, whose session is on the cluster's head)."""
     folder = os.environ.get("GSS_LOG_FOLDER")
     if not folder:
         return
     import ray
 
-    node = ray._private.worker._global_node  # the driver's node: None when connected through Ray Client
-    if node is None:
-        return
+    context = ray.get_runtime_context()
+    logs = os.path.join(context.get_temp_dir(), context.get_session_name(), "logs")  # Ray's layout of its temp dir
     link = os.path.join(folder, "ray")
     if os.path.islink(link):
         os.remove(link)
     if not os.path.exists(link):
-        os.symlink(node.get_logs_dir_path(), link)
+        os.symlink(logs, link)

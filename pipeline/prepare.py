@@ -281,7 +281,7 @@ def _ensure_tokenizer(cfg: RunConfig, fs, out: str, train_units: list[Unit], tra
 
         src = cfg.data.source
         src_fs, _ = filesystem(src.path, src.storage_options)
-        total = sum(size or 0 for size in src_fs.sizes([src_fs._strip_protocol(p) for p in train_files]))
+        total = sum(size or 0 for size in src_fs.sizes(train_files))
         fraction = min(1.0, tok.sample_bytes / max(total, 1))
         ds = ray.data.from_items([{"item": json.dumps(u.to_dict())} for u in train_units],
                                  override_num_blocks=len(train_units))

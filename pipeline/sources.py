@@ -157,7 +157,7 @@ def plan_units(cfg: SourceConfig, split: str, files: list[str]) -> list[Unit]:
     elif cfg.kind == "arxiv":  # a compressed file cannot be split, so one unit per file
         units = [Unit(split, 0, [path]) for path in files]
     else:  # one document per file: group files into units of about unit_bytes
-        sizes = fs.sizes([fs._strip_protocol(p) for p in files])
+        sizes = fs.sizes(files)
         group: list[str] = []
         group_bytes = 0
         for path, size in zip(files, sizes):

@@ -1,7 +1,6 @@
 """`mlflow models serve` of a registered model: a real tiny model trained and registered by the pipeline, served by a
 real MLflow scoring server process on the loopback interface; text prompts in, generated text out."""
 
-import argparse
 import json
 import os
 import re
@@ -128,7 +127,7 @@ def test_sampling_params_default_to_gss_generates_and_a_sample_is_text(server):
     top_k 40."""
     import mlflow
 
-    generate = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["generate"]
+    generate = build_parser()[1]["generate"]
     schema = mlflow.models.get_model_info(MODEL_URI).signature.params
     assert {p.name: p.default for p in schema.params} == {
         name: generate.get_default(name) for name in ("max_new_tokens", "temperature", "top_k")}
