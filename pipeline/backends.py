@@ -219,7 +219,8 @@ def xla_backend_config() -> Any:
     from ray.train.backend import BackendConfig
 
     # PJRT picks the TPU on TPU VMs; the tests run it on the CPU with PJRT_DEVICE=CPU and CPU_NUM_DEVICES.
-    runtime = {"PJRT_DEVICE": "TPU", **{k: os.environ[k] for k in ("PJRT_DEVICE", "CPU_NUM_DEVICES") if k in os.environ}}
+    runtime = {"PJRT_DEVICE": "TPU",
+               **{k: os.environ[k] for k in ("PJRT_DEVICE", "CPU_NUM_DEVICES") if k in os.environ}}
 
     def meeting_point() -> str:
         """tcp://<this node's address>:<a free port>, for the process group's workers to meet at."""

@@ -9,7 +9,6 @@ import socket
 from pipeline.config import RayConfig
 from pipeline.logs import link_ray_session_logs
 
-
 REACH_TIMEOUT_S = 10.0
 """How long a cluster's address may take to accept a connection before the command gives up with `ClusterError`."""
 
@@ -40,7 +39,8 @@ def connect(cfg: RayConfig) -> None:
         if not address.startswith("ray://"):  # a Ray Client driver has no Ray session on this machine
             link_ray_session_logs()
     context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # results in input order: everything built from them is deterministic
+    # results in input order: everything built from them is deterministic
+    context.execution_options.preserve_order = True
     context.enable_progress_bars = False  # each stage draws its own
 
 
