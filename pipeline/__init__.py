@@ -14,6 +14,7 @@
     backends.py    cpu / cuda / xla: device, wrapping (DDP, FSDP2, SPMD), autocast, syncs.
     checkpoint.py  what a training step leaves behind, when, and how it is read back (`gss eval` reads it too).
     train.py       `gss train`: the Ray Train worker loop and the driver around it.
+    progress.py    what the terminal shows of a training run: the driver's bar (fed by MLflow), the workers' lines.
     registered_model.py  the model MLflow registers: a python_function logged as code, weights as tensors.
     evaluate.py    `gss eval`: perplexity against evaluation length, in pieces with the state carried, on
                    Scorer actors; and the validation of checkpoints during training.

@@ -263,6 +263,33 @@ def log_dataset_input(client, run_id: str, dataset: str, digest: str, context: s
     client.log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])])
 
 
+class Outage:
+    """Since when the tracking server has not answered, as one reader or writer of it sees it (the workers'
+    background logger, the driver's bar): `failed` and `answered` each say whether this call changed that, so that
+    each change is said once."""
+
+    def __init__(self):
+        self.since: float | None = None  # time.time() of the first failure in a row
+
+    def failed(self) -> bool:
+        """A request got no answer; True if that begins an outage."""
+        if self.since is not None:
+            return False
+        self.since = time.time()
+        return True
+
+    def answered(self) -> float | None:
+        """A request got an answer; the outage's length in seconds if that ends one."""
+        if self.since is None:
+            return None
+        lasted, self.since = time.time() - self.since, None
+        return lasted
+
+    def clock(self) -> str:
+        """When it began, as the terminal shows it."""
+        return time.strftime("%H:%M:%S", time.localtime(self.since))
+
+
 def refused(error: Exception) -> bool:
     """MLflow turned a request down for what it holds (a metric name it does not take, a run it does not have):
     sending it again cannot help. Unreachable, overloaded, failing (5xx) or refusing our credentials is an outage:
@@ -298,7 +325,7 @@ class BackgroundLogger:
         self.lock, self.wake = threading.Lock(), threading.Event()
         self.closing = self.stopped = False  # stopped: no new request (close has waited long enough)
         self.in_flight = 0  # metric values in the request being sent
-        self.down_since: float | None = None
+        self.outage = Outage()
         self.failures = 0  # tries in a row that found MLflow away
         self.refused_names: set[str] = set()  # said once each
         self.thread = threading.Thread(target=self._send_until_closed, name="mlflow-metrics", daemon=True)
@@ -339,8 +366,8 @@ class BackgroundLogger:
 
     def _send_until_closed(self) -> None:
         while True:
-            self.wake.wait(None if self.down_since is None else min(self.retry_s * 2 ** (self.failures - 1),
-                                                                     self.MAX_RETRY_S))
+            self.wake.wait(None if self.outage.since is None else min(self.retry_s * 2 ** (self.failures - 1),
+                                                                       self.MAX_RETRY_S))
             self.wake.clear()
             while not self.stopped and self._send_one_batch():
                 pass
@@ -364,8 +391,7 @@ class BackgroundLogger:
                 self._log_each_name_alone(metrics, tags)
         except Exception as e:  # noqa: BLE001 - whatever the outage, keep the values and try again later
             self.failures += 1
-            if self.down_since is None:
-                self.down_since = time.time()
+            if self.outage.failed():
                 self.say(f"MLflow at {self.uri} does not answer ({str(e).splitlines()[0][:160]}); training goes "
                          "on and its metrics are kept until it does")
             return False
@@ -377,10 +403,10 @@ class BackgroundLogger:
                 if self.tags.get(key) == value:  # not set anew meanwhile
                     del self.tags[key]
             more = bool(self.metrics)
-        if self.down_since is not None:
-            self.say(f"MLflow at {self.uri} answers again after {time.time() - self.down_since:.0f} s; "
-                     "the metrics kept meanwhile are sent")
-            self.down_since, self.failures = None, 0
+        lasted = self.outage.answered()
+        if lasted is not None:
+            self.say(f"MLflow at {self.uri} answers again after {lasted:.0f} s; the metrics kept meanwhile are sent")
+            self.failures = 0
         return more
 
     def _log(self, metrics: list, tags: dict[str, str]) -> None:

@@ -11,15 +11,12 @@ Rank 0 logs metrics to MLflow; the driver draws its progress bar from them.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import json
 import math
 import os
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -53,6 +50,7 @@ from pipeline.dataset import (
 )
 from pipeline.lease import hold_lease
 from pipeline.logs import printed_to_log
+from pipeline.progress import TrainingProgress, say
 from pipeline.storage import (
     NO_ROOM,
     absolute,
@@ -76,12 +74,10 @@ from pipeline.tracking import (
     log_dataset_input,
     param_values,
     registered_name,
-    unreachable,
 )
 
 DIVERGED = "diverged.json"
 METRICS_LOST = "metrics_lost.txt"  # a worker's line on metrics the tracking server never took
-COMPILE_KEYS = ("compile_seconds", "fx_graph_cache_hits", "fx_graph_cache_misses")  # the driver's line on them
 
 
 class TrainingError(RuntimeError):
@@ -229,7 +225,7 @@ class MetricsLogger:
         self.backend, self.tokens_per_step = backend, tokens_per_step
         self.sender, self.system = None, None
         if mlflow_run:
-            self.sender, self.system = BackgroundLogger(*mlflow_run, say=_say), SystemMetrics()
+            self.sender, self.system = BackgroundLogger(*mlflow_run, say=say), SystemMetrics()
         self.interval_start, self.interval_first_step = time.perf_counter(), start_step
 
     def should_log(self, step: int) -> bool:
@@ -262,7 +258,7 @@ class MetricsLogger:
 
     def notice(self, line: str) -> None:
         """A line for the user: the driver prints it (workers' own output stays in Ray's logs)."""
-        _say(line)
+        say(line)
         if self.sender:
             self.sender.set_tag(f"{Tag.NOTICE}{time.time_ns()}", line)
 
@@ -282,18 +278,13 @@ class MetricsLogger:
         what it never took is said in `run_dir`/METRICS_LOST, for the driver to print."""
         lost = self.sender.close() if self.sender else None
         if lost:
-            _say(lost)
+            say(lost)
             fs, path = filesystem(join(run_dir, METRICS_LOST))
             write_bytes_atomic(fs, path, lost.encode())
 
     def _log(self, step: int, metrics: dict[str, float]) -> None:
         if self.sender:
             self.sender.log(step, metrics)
-
-
-def _say(line: str) -> None:
-    """A worker's line for the user: Ray forwards workers' stderr to the driver's terminal."""
-    print(f"[train] {line}", file=sys.stderr, flush=True)
 
 
 def train_loop(payload: dict[str, Any]) -> None:
@@ -507,139 +498,6 @@ def _trainer(cfg: RunConfig, payload: dict[str, Any]):
     return TorchTrainer(train_loop, train_loop_config=payload, scaling_config=scaling, run_config=run_config,
                         torch_config=TorchConfig(backend="nccl" if tc.backend == "cuda" else "gloo"),
                         validation_config=validation)
-
-
-class TrainingProgress:
-    """The driver's progress bar, fed by what rank 0 logs to MLflow (the workers' own output stays in Ray's logs).
-    Once the last step is in, the bar says what training still waits for (`finishing`), so that a full bar whose
-    clock goes on is never silent; while MLflow does not answer, the bar says since when. The workers' notices
-    (`MetricsLogger.notice`: a checkpoint they could not use) are printed as they come. With torch.compile
-    (`compiled`), it says once what the workers' first compile took and how much of it Inductor's cache had. Given
-    what the workers `need` of the Ray cluster, it says when the cluster's nodes have less (a node lost, or not up
-    yet: Ray Train waits for them, then goes on from the last checkpoint), and when they have it again."""
-
-    def __init__(self, tracking_uri: str, run_id: str, steps: int, tokens_per_step: int, finishing: str,
-                 poll_s: float = 2.0, compiled: bool = False, need: dict[str, float] | None = None):
-        from mlflow import MlflowClient
-
-        self.client, self.tracking_uri, self.run_id, self.steps, self.tokens_per_step, self.finishing, self.poll_s = \
-            MlflowClient(tracking_uri), tracking_uri, run_id, steps, tokens_per_step, finishing, poll_s
-        self.started_ms = self.since_ms = int(time.time() * 1000)
-        self.notices_until_ns = time.time_ns()  # the workers' notices printed so far: none of an earlier driver's
-        self.compile_pending = compiled  # torch.compile's time, to say once this driver's workers have logged it
-        self.stop = threading.Event()
-        self.unreachable_since: str | None = None
-        self.need, self.short_since = need or {}, None
-        # reads run in their own daemon thread, waited for `answer_s`: one caught in MLflow's retries (minutes) when
-        # the server went away would otherwise keep the bar from saying so, and once the server is back, a read
-        # still asleep in those retries is left behind for a fresh one rather than waited for
-        self.reading: concurrent.futures.Future | None = None
-        self.reading_since, self.answer_s = 0.0, 10.0
-
-    def __enter__(self) -> TrainingProgress:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=self.steps, desc="[train]", unit="step", dynamic_ncols=True)
-        self.thread = threading.Thread(target=self._follow, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
-        self._update()
-        if self.unreachable_since is None:  # done waiting: the closed bar is the steps alone
-            self.bar.set_description_str("[train]", refresh=False)
-        self.bar.close()  # else it keeps saying why its steps stopped short (training can end inside an outage)
-
-    def _follow(self) -> None:
-        while not self.stop.wait(self.poll_s):
-            self._update()
-
-    def _update(self) -> None:
-        self._check_cluster()
-        why = unreachable(self.tracking_uri, timeout_s=5)
-        if why is None:
-            # a read that went out during an outage may sleep in MLflow's retries for minutes, however young it is:
-            # once the server is back, read afresh
-            stale = self.unreachable_since is not None or time.monotonic() - self.reading_since > self.answer_s
-            if self.reading is None or self.reading.done() or stale:
-                self.reading, self.reading_since = self._read_in_background(), time.monotonic()
-            try:
-                self._show(*self.reading.result(timeout=self.answer_s))
-            except concurrent.futures.TimeoutError:
-                why = f"no answer in {self.answer_s:.0f} s"
-            except Exception as e:  # noqa: BLE001 - the tracking server is down: training does not need it
-                why = str(e)
-        if why is not None:
-            if self.unreachable_since is None:
-                self.unreachable_since = time.strftime("%H:%M:%S")
-                self.bar.write(f"[train] MLflow does not answer ({why.splitlines()[0][:160]}); training goes on")
-            self.bar.set_description_str(f"[train] MLflow unreachable since {self.unreachable_since}", refresh=True)
-            return
-        if self.unreachable_since is not None:
-            self.bar.write(f"[train] MLflow answers again (unreachable since {self.unreachable_since})")
-            self.unreachable_since = None
-            self.bar.set_description_str("[train]", refresh=False)
-
-    def _check_cluster(self) -> None:
-        if not self.need:
-            return
-        import ray
-
-        have = ray.cluster_resources()  # the nodes alive now
-        short = {key: value for key, value in self.need.items() if have.get(key, 0) < value}
-        if short and self.short_since is None:
-            self.short_since = time.strftime("%H:%M:%S")
-            lacking = ", ".join(f"{key} {value:g} (the cluster has {have.get(key, 0):g})"
-                                for key, value in short.items())
-            self.bar.write(f"[train] waiting for the cluster: the workers need {lacking}; a node was lost or is not "
-                           "up yet, and training goes on from its last checkpoint once the nodes are there")
-        elif not short and self.short_since is not None:
-            self.bar.write(f"[train] the cluster has room for the workers again (short since {self.short_since})")
-            self.short_since = None
-
-    def _read_in_background(self) -> concurrent.futures.Future:
-        reading = concurrent.futures.Future()
-
-        def read() -> None:
-            try:
-                compile_logs = {key: self.client.get_metric_history(self.run_id, key)
-                                for key in COMPILE_KEYS} if self.compile_pending else {}
-                run = self.client.get_run(self.run_id).data
-                restarts = self.client.get_metric_history(self.run_id, "resumed_at_step")
-                reading.set_result((run.metrics, run.tags, restarts, compile_logs))
-            except Exception as e:  # noqa: BLE001 - handed to the waiting _update
-                reading.set_exception(e)
-
-        threading.Thread(target=read, daemon=True).start()
-        return reading
-
-    def _show(self, metrics: dict[str, float], tags: dict[str, str], restarts: list,
-              compile_logs: dict[str, list]) -> None:
-        notices = {int(key.removeprefix(Tag.NOTICE)): line for key, line in tags.items() if key.startswith(Tag.NOTICE)}
-        for ns in sorted(ns for ns in notices if ns > self.notices_until_ns):
-            self.bar.write(f"[train] {notices[ns]}")
-            self.notices_until_ns = ns
-        for restart in restarts:
-            if restart.timestamp >= self.since_ms:
-                self.bar.write(f"[train] resumed from the checkpoint at step {restart.step}")
-                self.since_ms = restart.timestamp + 1
-        # the first compile of this driver's workers (the run's latest values may be an earlier driver's)
-        fresh = {key: [m for m in logs if m.timestamp >= self.started_ms] for key, logs in compile_logs.items()}
-        if self.compile_pending and all(fresh.values()):
-            self.compile_pending = False
-            seconds, hits, misses = (min(fresh[key], key=lambda m: (m.timestamp, m.step)).value for key in COMPILE_KEYS)
-            self.bar.write(f"[train] torch.compile compiled the model in {seconds:.1f} s; Inductor's cache had "
-                           f"{hits:.0f} of its {hits + misses:.0f} graphs")
-        if "tokens_seen" in metrics:
-            self.bar.update(round(metrics["tokens_seen"] / self.tokens_per_step) - self.bar.n)
-            shown = {"loss": f"{metrics['loss']:.3f}", "tok/s": f"{metrics['tokens_per_second']:,.0f}"}
-            if "val_loss" in metrics:
-                shown["val"] = f"{metrics['val_loss']:.3f}"
-            if self.bar.n >= self.steps:
-                self.bar.set_description_str(f"[train] {self.finishing}", refresh=False)
-            self.bar.set_postfix(shown, refresh=True)
 
 
 def _training_run(tracking: Tracking, cfg: RunConfig, model_cfg: ModelConfig, dataset: str):

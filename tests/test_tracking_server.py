@@ -141,7 +141,7 @@ def test_once_the_server_is_back_the_bar_says_so_without_waiting_out_a_read_in_m
     """A read of the bar's that went out while the server was away sleeps in MLflow's retries for minutes; once the
     server answers its health check, the bar reads afresh instead of waiting for that one (CI once saw a training
     run end while its bar still said MLflow was unreachable)."""
-    from pipeline.train import TrainingProgress
+    from pipeline.progress import TrainingProgress
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "120")  # after two tries at once, 120 s of sleep
     client = stack.admin()
@@ -151,10 +151,10 @@ def test_once_the_server_is_back_the_bar_says_so_without_waiting_out_a_read_in_m
         bar.reading, bar.reading_since = bar._read_in_background(), time.monotonic()
         time.sleep(2)  # the read is now asleep in the retries
         bar._update()
-        assert bar.unreachable_since is not None
+        assert bar.outage.since is not None
         stack.server.start()
         bar._update()  # waiting for the old read would take answer_s (10 s) and find it still asleep
-        assert bar.unreachable_since is None
+        assert bar.outage.since is None
     said = "".join(capsys.readouterr())
     assert "MLflow does not answer" in said and "MLflow answers again" in said, said
 

@@ -9,14 +9,8 @@ import torch
 from models import build_model
 from pipeline.config import TrainConfig, load_config
 from pipeline.dataset import TrainRows, dataset_dir
-from pipeline.train import (
-    COMPILE_KEYS,
-    TrainingError,
-    learning_rate,
-    make_optimizer,
-    no_weight_decay,
-    train_stage,
-)
+from pipeline.progress import COMPILE_KEYS
+from pipeline.train import TrainingError, learning_rate, make_optimizer, no_weight_decay, train_stage
 from tests.corpus import (
     TINY_MODEL,
     as_overrides,
@@ -189,7 +183,7 @@ def test_after_the_last_step_the_bar_says_what_training_waits_for(tmp_path):
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    from pipeline.train import TrainingProgress
+    from pipeline.progress import TrainingProgress
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -209,7 +203,7 @@ def test_after_the_last_step_the_bar_says_what_training_waits_for(tmp_path):
 def test_a_bar_closed_while_mlflow_is_away_says_so_beside_its_steps():
     """Workers buffer their metrics through an outage, so training can end inside one: the bar then stops short
     of its steps, and says why."""
-    from pipeline.train import TrainingProgress
+    from pipeline.progress import TrainingProgress
 
     with TrainingProgress("http://127.0.0.1:9", "no-run", steps=4, tokens_per_step=10, finishing="",
                           poll_s=3600) as progress:
