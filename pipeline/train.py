@@ -76,8 +76,10 @@ from pipeline.tracking import (
     registered_name,
 )
 
-DIVERGED = "diverged.json"
-METRICS_LOST = "metrics_lost.txt"  # a worker's line on metrics the tracking server never took
+# Rank 0's word to the driver, in the run folder: Ray Train hands the driver only what was reported with a checkpoint,
+# and these come without one. {"diverged": {step, loss, grad_norm}, "metrics_lost": the line saying which}; written
+# by `tell_driver`, read once by the driver after the workers are done (`_told`).
+TOLD = "told_driver.json"
 
 
 class TrainingError(RuntimeError):
@@ -275,16 +277,31 @@ class MetricsLogger:
 
     def close(self, run_dir: str) -> None:
         """Send what the tracking server has not taken yet (waiting for it as long as MLflow's own retries do);
-        what it never took is said in `run_dir`/METRICS_LOST, for the driver to print."""
+        what it never took is said, and told to the driver to print."""
         lost = self.sender.close() if self.sender else None
         if lost:
             say(lost)
-            fs, path = filesystem(join(run_dir, METRICS_LOST))
-            write_bytes_atomic(fs, path, lost.encode())
+            tell_driver(run_dir, metrics_lost=lost)
 
     def _log(self, step: int, metrics: dict[str, float]) -> None:
         if self.sender:
             self.sender.log(step, metrics)
+
+
+def tell_driver(run_dir: str, **news: Any) -> None:
+    """(Rank 0.) Add `news` to what the driver reads once the workers are done (TOLD)."""
+    fs, path = filesystem(join(run_dir, TOLD))
+    write_json_atomic(fs, path, {**(read_json(fs, path) if fs.exists(path) else {}), **news})
+
+
+def _told(run_dir: str) -> dict[str, Any]:
+    """(The driver.) What rank 0 told it (TOLD), once: the file goes."""
+    fs, path = filesystem(join(run_dir, TOLD))
+    if not fs.exists(path):
+        return {}
+    told = read_json(fs, path)
+    fs.rm(path)
+    return told
 
 
 def train_loop(payload: dict[str, Any]) -> None:
@@ -335,9 +352,8 @@ def train_loop(payload: dict[str, Any]) -> None:
                 metrics.notice(f"no room for the checkpoint of step {step}: {checkpointer.no_room}; training stops")
                 break  # every rank: the driver says what to do
     except Diverged as e:
-        if rank == 0:  # Ray Train keeps only checkpointed metrics, so tell the driver through storage
-            fs, path = filesystem(join(payload["run_dir"], DIVERGED))
-            write_json_atomic(fs, path, e.args[0])
+        if rank == 0:
+            tell_driver(payload["run_dir"], diverged=e.args[0])
     else:
         metrics.finish(backend.fallback_ops())
     finally:
@@ -392,9 +408,7 @@ def _train_stage(cfg: RunConfig, tracking: Tracking | None) -> dict[str, Any]:
                "xla_cache": xla_cache_dir(cfg.root), "inductor_cache": inductor_cache_dir(cfg.root),
                "validate_every": cfg.eval.during_training}
     trainer = _trainer(cfg, payload)
-    fs, diverged = filesystem(join(run_dir, DIVERGED))
-    if fs.exists(diverged):
-        fs.rm(diverged)
+    _told(run_dir)  # an earlier driver's, unread
     print(f"[train] {cfg.name}: {model_cfg.arch}, {tc.num_workers} {tc.backend} worker(s), {tc.steps} steps")
     finishing = "saving the final checkpoint"
     if cfg.eval.during_training:
@@ -413,15 +427,15 @@ def _train_stage(cfg: RunConfig, tracking: Tracking | None) -> dict[str, Any]:
             raise
         raise TrainingError(f"training failed after {tc.max_failures} restarts: {e}") from e
 
-    _, lost = filesystem(join(run_dir, METRICS_LOST))
-    if fs.exists(lost):  # said once: the file goes
-        print(f"[train] {fs.cat_file(lost).decode()}")
-        fs.rm(lost)
-    if fs.exists(diverged):
+    told = _told(run_dir)
+    if "metrics_lost" in told:
+        print(f"[train] {told['metrics_lost']}")
+    fs = filesystem(run_dir)[0]
+    if "diverged" in told:
         client.set_terminated(run.info.run_id, "FAILED")
         kept = ray_checkpoint_url(result.checkpoint, fs) if result.checkpoint else "none yet"
         raise TrainingError(
-            f"the loss became NaN/inf at step {read_json(fs, diverged)['step']}; the last good checkpoint is kept "
+            f"the loss became NaN/inf at step {told['diverged']['step']}; the last good checkpoint is kept "
             f"({kept}). Lower train.lr or raise train.warmup_steps, then re-run the same run name to resume."
         )
     final = result.checkpoint
