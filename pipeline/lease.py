@@ -10,9 +10,11 @@ resume from what the dead one left. Heartbeats are compared with this host's clo
 
 Every change is a compare-and-swap, so that of two processes racing to create, renew, take over or delete, exactly
 one wins:
-  gs://   GCS's generation preconditions: `ifGenerationMatch=0` creates the object only if it is absent,
-          `ifGenerationMatch=<the generation we read or wrote>` replaces or deletes only that version. (The local GCS
-          server of the tests, fake-gcs-server, honours them on multipart uploads, which we use, not on DELETE.)
+  gs://   GCS's generation preconditions, through google-cloud-storage: `if_generation_match=0` creates the object
+          only if it is absent, `if_generation_match=<the generation we read or wrote>` replaces or deletes only that
+          version; a read's generation is that of the very bytes read (the download's own header). (The local GCS
+          server of the tests, fake-gcs-server, honours them on uploads, not on deletes: there a stale delete goes
+          through, as tests/test_lease.py records.)
   local   creating is a hard link of a whole temporary file (it fails if the name exists, as O_EXCL does, and
           readers never see half a file); replacing and deleting compare the file with what we last wrote under an
           exclusive flock of the folder, which every change takes.
@@ -33,7 +35,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import quote
 
 from fsspec.implementations.local import LocalFileSystem
 
@@ -273,38 +274,75 @@ class _LocalFile:
             return True
 
 
+GCS_RETRY_S = 30.0  # how long a request is retried, about as gcsfs did (6 tries, 31-36 s apart): then it fails
+GCS_TIMEOUT_S = 30.0  # per try, for one small object (gcsfs: aiohttp's 30 s to connect)
+
+
+@contextlib.contextmanager
+def _refusals_as_os_errors() -> Iterator[None]:
+    """google-cloud-storage's refusals raised as gcsfs raised them, the OSErrors that `storage_failure` and `explain`
+    read: no permission (401, 403) a PermissionError, no bucket (404, where an absent object was not expected) a
+    FileNotFoundError."""
+    from google.api_core.exceptions import Forbidden, NotFound, Unauthorized
+
+    try:
+        yield
+    except (Forbidden, Unauthorized) as e:
+        raise PermissionError(str(e)) from e
+    except NotFound as e:
+        raise FileNotFoundError(str(e)) from e
+
+
 class _GCSObject:
+    """The lease as an object of a bucket; its generation is the version. Every request is conditional, so a retry
+    is safe: one whose first try went through but whose answer was lost fails its precondition, and `Lease` then
+    finds its own token in the object."""
+
     def __init__(self, fs, path: str):
+        from google.cloud import storage
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
         self.fs, self.folder = fs, path.rsplit("/", 1)[0]
-        self.bucket, self.key, _ = fs.split_path(path)
+        bucket, self.key, _ = fs.split_path(path)
+        # with STORAGE_EMULATOR_HOST: that server, anonymously; else Application Default Credentials. No project:
+        # object requests name none
+        self.bucket = storage.Client(project=None).bucket(bucket)
+        self.retry = DEFAULT_RETRY.with_timeout(GCS_RETRY_S)  # 429, 5xx, connection errors and timeouts
 
-    def read(self) -> tuple[bytes | None, str | None]:
-        try:
-            headers, data = self.fs.call("GET", "b/{}/o/{}", self.bucket, self.key, alt="media")
-        except FileNotFoundError:
-            return None, None
-        return data, headers["X-Goog-Generation"]  # of the very bytes read
+    def read(self) -> tuple[bytes | None, int | None]:
+        from google.api_core.exceptions import NotFound
 
-    def write(self, data: bytes, expected: str | None) -> str | None:
-        """A multipart upload (as gcsfs's own small writes) under ifGenerationMatch."""
-        meta = json.dumps({"name": self.key, "contentType": "application/json"})
-        body = (f"--==0==\nContent-Type: application/json; charset=UTF-8\n\n{meta}\n--==0==\n"
-                "Content-Type: application/json\n\n").encode() + data + b"\n--==0==--"
-        try:
-            written = self.fs.call("POST", f"{self.fs._location}/upload/storage/v1/b/{quote(self.bucket)}/o",
-                                   uploadType="multipart", ifGenerationMatch=expected or "0", data=body,
-                                   headers={"Content-Type": 'multipart/related; boundary="==0=="'}, json_out=True)
-        except FileExistsError:  # 412: the precondition failed
-            return None
-        finally:
-            self.fs.invalidate_cache(self.folder)
-        return str(written["generation"])
+        blob = self.bucket.blob(self.key)  # a new Blob each time: one that knows a generation reads only that one
+        with _refusals_as_os_errors():
+            try:
+                data = blob.download_as_bytes(timeout=GCS_TIMEOUT_S, retry=self.retry)
+            except NotFound:
+                return None, None
+        return data, blob.generation  # from the download's headers (its retries ask for that generation)
 
-    def delete(self, expected: str) -> bool:
-        try:
-            self.fs.call("DELETE", "b/{}/o/{}", self.bucket, self.key, ifGenerationMatch=expected)
-        except (FileNotFoundError, FileExistsError):  # gone, or 412: not that version any more
-            return False
-        finally:
-            self.fs.invalidate_cache(self.folder)
+    def write(self, data: bytes, expected: int | None) -> int | None:
+        from google.api_core.exceptions import PreconditionFailed
+
+        blob = self.bucket.blob(self.key)
+        with _refusals_as_os_errors():
+            try:
+                blob.upload_from_string(data, content_type="application/json", if_generation_match=expected or 0,
+                                        timeout=GCS_TIMEOUT_S, retry=self.retry)
+            except PreconditionFailed:
+                return None
+            finally:
+                self.fs.invalidate_cache(self.folder)  # gcsfs's listings in this process see the change
+        return blob.generation
+
+    def delete(self, expected: int) -> bool:
+        from google.api_core.exceptions import NotFound, PreconditionFailed
+
+        with _refusals_as_os_errors():
+            try:
+                self.bucket.blob(self.key).delete(if_generation_match=expected, timeout=GCS_TIMEOUT_S,
+                                                  retry=self.retry)
+            except (NotFound, PreconditionFailed):  # gone, or not that version any more
+                return False
+            finally:
+                self.fs.invalidate_cache(self.folder)
         return True

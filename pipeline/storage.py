@@ -44,7 +44,10 @@ def explain(url: str, error: BaseException) -> str:
         return (f"{url}: permission denied ({text}). The account behind the credentials "
                 "(GOOGLE_APPLICATION_CREDENTIALS, `gcloud auth application-default login`, or the VM's service "
                 f"account) needs roles/storage.objectAdmin on gs://{bucket} (roles/storage.objectViewer to read only)")
-    if isinstance(error, (ConnectionError, TimeoutError)) or "Cannot connect" in text:
+    import requests  # google-cloud-storage's transport: its connection errors are not the builtin ones
+
+    unanswered = (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout)
+    if isinstance(error, unanswered) or "Cannot connect" in text:
         emulator = os.environ.get("STORAGE_EMULATOR_HOST")
         where = f"the GCS emulator at STORAGE_EMULATOR_HOST={emulator}" if emulator else "Google Cloud Storage"
         return f"{url}: {where} does not answer ({text}); check the network and try again"

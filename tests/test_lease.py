@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.lease import HOST, LEASE, Lease, LeaseHeld, _store, hold_lease
-from pipeline.storage import StorageError, absolute, join
+from pipeline.storage import StorageError, absolute, explain, join, storage_failure
 from tests.corpus import as_overrides, metric_steps, prepared, run_config, start_train, train_run, wait_for
+from tests.gcs import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +53,62 @@ def race(folder: str, n: int, stale_s: float) -> tuple[list[Lease], list[LeaseHe
     with ThreadPoolExecutor(n) as pool:
         results = list(pool.map(take, range(n)))
     return [r for r in results if isinstance(r, Lease)], [r for r in results if isinstance(r, LeaseHeld)]
+
+
+def test_every_change_of_the_lease_file_is_a_compare_and_swap(folder):
+    store = _store(url(folder))
+    assert store.read() == (None, None)
+    first = store.write(b'{"n": 1}', None)
+    assert first is not None and store.write(b'{"n": 0}', None) is None  # create-only: it exists
+    assert store.read() == (b'{"n": 1}', first)  # the version of the very bytes read
+    second = store.write(b'{"n": 2}', first)
+    assert second not in (None, first) and store.write(b'{"n": 3}', first) is None  # replacing a stale version
+    assert store.read() == (b'{"n": 2}', second)
+    assert store.delete(second) and store.read() == (None, None)
+    assert not store.delete(second) and store.write(b'{"n": 3}', second) is None  # it is gone
+
+
+def test_deleting_a_stale_version_leaves_the_newer_one(folder, request):
+    if folder.startswith("gs://"):  # GCS honours the precondition; the tests' server does not
+        request.applymarker(pytest.mark.xfail(strict=True, reason="fake-gcs-server ignores ifGenerationMatch on "
+                                                                  "DELETE"))
+    store = _store(url(folder))
+    old = store.write(b'{"n": 1}', None)
+    new = store.write(b'{"n": 2}', old)
+    assert not store.delete(old) and store.read() == (b'{"n": 2}', new)
+
+
+@pytest.mark.gcs
+def test_a_lease_on_gs_the_storage_refuses_or_that_gets_no_answer_is_a_storage_failure_in_words(gcs, monkeypatch,
+                                                                                                tmp_path):
+    """As gcsfs's failures were, so that `gss` says them in one line (jobs/cli.py: storage_failure, explain)."""
+    from google.api_core.exceptions import Forbidden
+    from google.cloud.storage import Blob
+
+    def said(lease_url: str) -> str:
+        with pytest.raises(Exception) as failed:
+            Lease.take(lease_url, "gss train")
+        failure = storage_failure(failed.value)
+        assert failure is not None, repr(failed.value)
+        return explain(lease_url, failure)
+
+    missing = f"gs://no-such-bucket/{tmp_path.name}/{LEASE}"
+    assert said(missing).startswith(f"{missing}: the bucket 'no-such-bucket' does not exist")
+
+    lease_url = f"{gcs.bucket('leases')}/{tmp_path.name}/{LEASE}"
+
+    def refused(*args, **kwargs):  # as the server answers credentials without the role (the emulator cannot)
+        raise Forbidden("POST /upload: caller does not have storage.objects.create access")
+
+    with monkeypatch.context() as m:
+        m.setattr(Blob, "upload_from_string", refused)
+        assert said(lease_url).startswith(f"{lease_url}: permission denied (403 POST /upload: caller does not have")
+
+    nobody = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", nobody)
+    monkeypatch.setattr("pipeline.lease.GCS_RETRY_S", 1.0)
+    assert said(lease_url).startswith(f"{lease_url}: the GCS emulator at STORAGE_EMULATOR_HOST={nobody} does not "
+                                      "answer (")
 
 
 def test_of_many_taking_a_lease_at_once_exactly_one_wins_and_the_others_are_told_who(folder):
@@ -94,8 +151,9 @@ def test_a_lease_whose_holder_on_this_host_has_ended_is_taken_over_at_once(folde
                     "Lease.take(sys.argv[1], 'gss eval'); os._exit(0)", url(folder)], cwd=ROOT, check=True)
     dead = record(folder)
     lease = Lease.take(url(folder), "gss eval")  # the 60 s timeout has not passed, but that process is gone
-    assert f"from gss eval on host {HOST}, pid {dead['pid']}: last heartbeat 0 s ago, its process has ended" \
-           in capsys.readouterr().out
+    # 0 s, or 1 on a loaded machine: the child's exit and our reads lie between its heartbeat and the takeover
+    assert re.search(f"from gss eval on host {HOST}, pid {dead['pid']}: last heartbeat [01] s ago, its process has "
+                     "ended", capsys.readouterr().out)
     lease.release()
 
 
