@@ -117,8 +117,9 @@ def test_of_many_taking_a_lease_at_once_exactly_one_wins_and_the_others_are_told
     assert record(folder)["token"] == won[0].record["token"]
     holder = re.escape(f"{folder} is being written by gss train on host {HOST}, pid {os.getpid()}, since ")
     remedy = re.escape(", when its lease lapses, or delete " + url(folder))
-    assert re.fullmatch(holder + r"[-\d]+ [:\d]+ \w+ \(last heartbeat [01] s ago\): wait for it to finish, or stop "
-                        r"it; if that process is dead, run this again in (29|30) s" + remedy, str(refused[0])), refused[0]
+    expected = (holder + r"[-\d]+ [:\d]+ \w+ \(last heartbeat [01] s ago\): wait for it to finish, or stop it; if "
+                r"that process is dead, run this again in (29|30) s" + remedy)
+    assert re.fullmatch(expected, str(refused[0])), refused[0]
     won[0].release()
     assert record(folder) is None
 
