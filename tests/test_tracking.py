@@ -26,7 +26,8 @@ def test_flatten():
 
 
 
-def test_the_background_logger_sends_everything_in_order_of_steps(tmp_path):
+def sqlite_run_and_logger(tmp_path):
+    """A run in a sqlite store under `tmp_path`, and a background logger of it whose lines go to `said`."""
     from mlflow import MlflowClient
 
     from pipeline.tracking import BackgroundLogger
@@ -35,7 +36,11 @@ def test_the_background_logger_sends_everything_in_order_of_steps(tmp_path):
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("x")).info.run_id
     said = []
-    sender = BackgroundLogger(uri, run_id, say=said.append)
+    return client, uri, run_id, BackgroundLogger(uri, run_id, say=said.append), said
+
+
+def test_the_background_logger_sends_everything_in_order_of_steps(tmp_path):
+    client, uri, run_id, sender, said = sqlite_run_and_logger(tmp_path)
     for step in range(1, 1201):  # more than one batch of MLflow's 1000
         sender.log(step, {"loss": 1.0 / step})
     sender.set_tag("gss.some", "value")
@@ -60,15 +65,7 @@ def test_a_tracking_server_that_never_answers_costs_metrics_not_training_and_say
 
 
 def test_a_metric_mlflow_refuses_is_said_once_and_dropped_and_the_rest_goes_on(tmp_path):
-    from mlflow import MlflowClient
-
-    from pipeline.tracking import BackgroundLogger
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("x")).info.run_id
-    said = []
-    sender = BackgroundLogger(uri, run_id, say=said.append)
+    client, uri, run_id, sender, said = sqlite_run_and_logger(tmp_path)
     for step in range(1, 4):
         sender.log(step, {"loss": 1.0 / step, "loss?": 1.0})  # MLflow takes no '?' in a name
     sender.set_tag("gss.some", "value")
