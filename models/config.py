@@ -35,7 +35,8 @@ class ModelConfig:
     ssm_chunk: int = 128
     """Tokens per chunk of the chunked kernel."""
     ssm_max_memory: float = 1000.0
-    """The slowest mode's memory at init, in tokens (decay rates log-uniform in [1/this, 1]); the paper's 1000."""
+    """GSS: the slowest mode's memory at init, in tokens (decay rates log-uniform in [1/this, 1]); the paper's 1000.
+    DSS starts from its own paper's modes and steps instead."""
     n_heads: int = 16
     """Attention heads (transformer, hybrid)."""
     attn_chunk: int = 512
@@ -84,7 +85,7 @@ class ModelConfig:
 _PAPER = ModelConfig(arch="gss", vocab_size=32_000, d_model=1024, n_layers=16, d_gate=4096, d_ssm=256, state_size=512)
 _SMALL = ModelConfig(
     arch="gss", vocab_size=8192, d_model=256, n_layers=4, d_gate=1024, d_ssm=64, state_size=64,
-    n_heads=4, attn_chunk=128, attn_every=2, ssm_chunk=64,
+    n_heads=4, attn_chunk=128, ssm_chunk=64,
 )  # fmt: skip
 
 # Paper presets of about the same size (184-203M parameters with the 32k vocabulary, embeddings

@@ -118,7 +118,8 @@ class MLP(nn.Module):
 
 
 class DSSBlock(SSMBlock):
-    """The DSS baseline the paper compares with: DSS over all E channels, then an MLP.
+    """The DSS baseline the paper compares with: DSS over all E channels, with the DSS paper's step per channel and
+    initial modes, then an MLP.
 
     x + GLU(W_o GELU(DSS(LayerNorm(x)))), followed by a pre-LN MLP of width F. The GLU after the SSM is the
     S4/DSS language-model block's (`postact: glu`); without it the block mixes tokens only through a fixed
@@ -128,7 +129,7 @@ class DSSBlock(SSMBlock):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm = nn.LayerNorm(cfg.d_model)
-        self.ssm = DiagonalSSM(cfg.d_model, cfg.state_size, cfg.ssm_kernel, cfg.ssm_chunk, cfg.ssm_max_memory)
+        self.ssm = DiagonalSSM(cfg.d_model, cfg.state_size, cfg.ssm_kernel, cfg.ssm_chunk, learned_step=True)
         self.out = nn.Linear(cfg.d_model, 2 * cfg.d_model)  # value and gate halves of the GLU
         self.mlp = MLP(cfg)
 

@@ -1,13 +1,14 @@
-"""The diagonal state space (DSS) layer of the GSS paper, in real arithmetic.
+"""The diagonal state space (DSS) layer, in real arithmetic: the GSS paper's and the DSS paper's.
 
-Names follow the paper's pseudocode. The parameters are Lambda_re, Lambda_im [N], C_re, C_im [H, N]
-and D [H]; they define
+Names follow the papers' pseudocode. The parameters are Lambda_re, Lambda_im [N], C_re, C_im [H, N], D [H] and,
+for the DSS paper's layer (`learned_step`), log_dt [H]; they define
 
-    Lambda = -exp(Lambda_re) + i exp(Lambda_im)     (N modes shared by all channels; Delta = 1)
-    W      = C (exp(Lambda) - 1) / Lambda           [H, N]
-    K[h, l] = Re( sum_n W[h, n] exp(Lambda_n l) )   [H, L], the convolution kernel
+    Lambda = -exp(Lambda_re) + i exp(Lambda_im)       N modes shared by all channels
+    Delta  = exp(log_dt)                              [H], a step per channel; GSS: Delta = 1
+    W      = C (exp(Delta Lambda) - 1) / Lambda       [H, N]
+    K[h, l] = Re( sum_n W[h, n] exp(Delta_h Lambda_n l) )   [H, L], the convolution kernel
 
-and one layer maps u [B, H, L] to y = causal_conv(u, K) + D u along L. With lam = exp(Lambda), the same map
+and one layer maps u [B, H, L] to y = causal_conv(u, K) + D u along L. With lam = exp(Delta Lambda), the same map
 is the linear recurrence
 
     x_t = lam x_{t-1} + u_t,   y_t = Re(sum_n W[h, n] x_t[n]) + D u_t,
@@ -17,8 +18,9 @@ hand its final state to recurrent decoding.
 
 Every complex number is a `Complex` (real part, imaginary part) pair of real tensors: torch_xla
 lowers neither complex dtypes nor FFTs, so `scan_chunked` runs on TPU without a host fallback.
-Note that the parameter Lambda_re is log(-Re Lambda), not Re Lambda: `Lambda` itself is always the
-Complex pair (Re Lambda, Im Lambda).
+Note that the parameter Lambda_re is log(-Re Lambda), not Re Lambda. The functions below take the exponent per
+token, Delta Lambda, as the Complex pair `Lambda`: [N] when Delta = 1 (every channel's powers are the same, and the
+kernel is one matmul), [H, N] with a step per channel (generated in blocks: `per_channel_kernel`).
 
 Ways to apply the layer, all with the same result:
   * `conv_direct`  O(L^2) materialised Toeplitz matrix: the obviously correct convolution (tests only).
@@ -65,16 +67,69 @@ def complex_mul_add(a: Complex, b: Complex, c: Complex) -> Complex:
 
 
 def complex_powers(Lambda: Complex, exponents: Tensor) -> Complex:
-    """exp(Lambda e) = lam ** e for each exponent e: each part [len(exponents), N]."""
-    e = exponents.to(Lambda[0].dtype)[:, None]
+    """exp(Lambda e) = lam ** e for each exponent e: each part [len(exponents), *Lambda's shape]."""
+    e = exponents.to(Lambda[0].dtype).view(-1, *[1] * Lambda[0].dim())
     magnitude = torch.exp(Lambda[0] * e)
     return magnitude * torch.cos(Lambda[1] * e), magnitude * torch.sin(Lambda[1] * e)
 
 
 def dss_kernel(W: Complex, Lambda: Complex, length: int) -> Tensor:
-    """K[h, l] = Re(sum_n W[h, n] exp(Lambda_n l)) for l < length: [H, length]."""
+    """K[h, l] = Re(sum_n W[h, n] exp(Lambda_{h,n} l)) for l < length: [H, length]. Lambda [N] (shared) or [H, N]."""
+    if Lambda[0].dim() == 2:
+        return per_channel_kernel(W, Lambda, length)
     powers = complex_powers(Lambda, torch.arange(length, device=W[0].device))
     return W[0] @ powers[0].T - W[1] @ powers[1].T
+
+
+def per_channel_kernel_ref(W: Complex, Lambda: Complex, length: int) -> Tensor:
+    """Reference for `per_channel_kernel`: the powers [H, N, L] whole (tests only; 17 GB at paper-dss' 4k)."""
+    powers = complex_powers(Lambda, torch.arange(length, device=W[0].device))  # [L, H, N]
+    return (W[0] * powers[0] - W[1] * powers[1]).sum(-1).T
+
+
+def _power_blocks(Lambda: Complex, length: int) -> tuple[Complex, Complex]:
+    """exp(Lambda l) for l = a T + j, T the power of two >= sqrt(length), as outer[a] * inner[j]:
+    outer = exp(Lambda a T) [A, H, N] and inner = exp(Lambda j) [T, H, N], with A T >= length."""
+    block = 1 << math.ceil(math.log2(length) / 2)
+    device = Lambda[0].device
+    outer = complex_powers(Lambda, torch.arange(-(-length // block), device=device) * block)
+    return outer, complex_powers(Lambda, torch.arange(block, device=device))
+
+
+def per_channel_kernel(W: Complex, Lambda: Complex, length: int) -> Tensor:
+    """`per_channel_kernel_ref` without the [H, N, L] powers: K[h, a T + j] = Re(sum_n (W outer[a])[h, n] inner[j, h, n])
+    is a batched matmul over channels, and only blocks of O(H N sqrt(L)) are ever made (`_PerChannelKernel`)."""
+    return _PerChannelKernel.apply(*W, *Lambda, length)
+
+
+class _PerChannelKernel(torch.autograd.Function):
+    """K = Re(sum_n W z ** l), z = exp(Lambda) [H, N], with a backward that recomputes the blocks instead of keeping
+    them: with G = dLoss/dK and S = sum_l G[h, l] z ** l, S' = sum_l G[h, l] l z ** l (the same blocked sums),
+    dW = conj(S) and dLambda = conj(W S') as (re, im) pairs. Nothing of size N L is saved for the backward."""
+
+    @staticmethod
+    def forward(ctx, W_re: Tensor, W_im: Tensor, L_re: Tensor, L_im: Tensor, length: int) -> Tensor:
+        outer, inner = _power_blocks((L_re, L_im), length)
+        w_outer = complex_mul((W_re, W_im), outer)  # [A, H, N]
+        K = torch.einsum("ahn,jhn->haj", w_outer[0], inner[0]) - torch.einsum("ahn,jhn->haj", w_outer[1], inner[1])
+        ctx.save_for_backward(W_re, W_im, L_re, L_im)
+        ctx.length = length
+        return K.flatten(1)[:, :length]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_K: Tensor) -> tuple[Tensor | None, ...]:
+        W_re, W_im, L_re, L_im = ctx.saved_tensors
+        outer, inner = _power_blocks((L_re, L_im), ctx.length)
+        blocks, block = outer[0].shape[0], inner[0].shape[0]
+        G = torch.nn.functional.pad(grad_K, (0, blocks * block - ctx.length))
+        G = torch.stack([G, G * torch.arange(blocks * block, device=G.device, dtype=G.dtype)])  # G and G l
+        G = G.view(2, -1, blocks, block)
+        partial = tuple(torch.einsum("khaj,jhn->kahn", G, part) for part in inner)  # sum_j G[aT + j] z ** j
+        S = tuple(part.sum(1) for part in complex_mul(outer, partial))  # [2, H, N]: S and S'
+        grad_W = S[0][0], -S[1][0]
+        W_S = complex_mul((W_re, W_im), (S[0][1], S[1][1]))
+        return *grad_W, W_S[0], -W_S[1], None
 
 
 def conv_direct(u: Tensor, K: Tensor, D: Tensor) -> Tensor:
@@ -146,7 +201,7 @@ def zero_state(u: Tensor, W: Complex) -> SSMState:
 
 
 def scan_step(u: Tensor, W: Complex, lam: Complex, D: Tensor, state: SSMState) -> tuple[Tensor, SSMState]:
-    """One token of the recurrence, lam = exp(Lambda) [1, N]: u [B, H] -> (y [B, H], new state); O(H N)
+    """One token of the recurrence, lam = exp(Lambda) [1, N] or [1, H, N]: u [B, H] -> (y [B, H], new state); O(H N)
     whatever came before."""
     x_re, x_im = complex_mul(lam, (state[0], state[1]))
     x_re = x_re + u[..., None]
@@ -222,24 +277,25 @@ def _scan_chunks(u: Tensor, W: Complex, Lambda: Complex, chunk: int, state: SSMS
 
     # 2. The state each chunk leaves behind on its own: S_c = sum_j lam ** (T - 1 - j) u_{c, j}.
     pos = torch.arange(chunk, device=u.device)
+    powers = "jn" if Lambda[0].dim() == 1 else "jhn"  # lam ** j [T, N], or [T, H, N] with a step per channel
     # Two einsums, not one over cat(q): the backward would cat their gradients, a copy of [B, C, H, 2N].
-    local = tuple(torch.einsum("bcjh,jn->bchn", u, q) for q in complex_powers(Lambda, chunk - 1 - pos))
+    local = tuple(torch.einsum(f"bcjh,{powers}->bchn", u, q) for q in complex_powers(Lambda, chunk - 1 - pos))
 
     # 3. Carry the state across chunks: the state entering chunk c is x_{c-1}, where
     # x_c = lam ** T x_{c-1} + S_c and x_{-1} is the starting state.
-    lam_T = complex_powers(Lambda, torch.full((1,), chunk, device=u.device))  # [1, N]
+    lam_T = complex_powers(Lambda, torch.full((1,), chunk, device=u.device))  # [1, N] or [1, H, N]
     prev = _EnteringStates.apply(*local, *lam_T, state[0], state[1])  # [B, C, H, N] each
     last = complex_mul_add(lam_T, (prev[0][:, -1], prev[1][:, -1]), (local[0][:, -1], local[1][:, -1]))
 
     # 4. What the entering state adds at offset j: Re(sum_n W lam ** (j + 1) x_{c-1}).
     z_re, z_im = complex_mul(W, prev)
-    p_re, p_im = complex_powers(Lambda, pos + 1)  # [T, N]
-    y = y + torch.einsum("bchn,jn->bcjh", z_re, p_re) - torch.einsum("bchn,jn->bcjh", z_im, p_im)
+    p_re, p_im = complex_powers(Lambda, pos + 1)
+    y = y + torch.einsum(f"bchn,{powers}->bcjh", z_re, p_re) - torch.einsum(f"bchn,{powers}->bcjh", z_im, p_im)
     return y.reshape(batch, length, channels), torch.stack(last)
 
 
 def _entering_states(x: Complex, a: Complex, initial: Complex) -> Complex:
-    """E_0 = initial, E_c = a E_{c-1} + x_{c-1} for c < C, along dim 1 of x [B, C, ...]; a [1, N].
+    """E_0 = initial, E_c = a E_{c-1} + x_{c-1} for c < C, along dim 1 of x [B, C, ...]; a [1, N] or [1, H, N].
 
     Log-depth instead of a loop over c, so that a traced (XLA) graph holds O(log C) levels, not C
     steps: a pair of neighbours acts as one step with factor a ** 2 and input a x_{2i} + x_{2i+1}, so
@@ -289,37 +345,50 @@ class _EnteringStates(torch.autograd.Function):
         reversed_R = _entering_states((g_re.flip(1), g_im.flip(1)), conj_a, (zero, zero))
         gx_re, gx_im = (part.flip(1) for part in reversed_R)  # gx_{C-1} = 0: no state here sees x_{C-1}
         ginit_re, ginit_im = complex_mul_add(conj_a, (gx_re[:, 0], gx_im[:, 0]), (g_re[:, 0], g_im[:, 0]))
-        # sum over all but the modes of gx_k conj(E_k), through one buffer of E's size
-        dims = tuple(range(E_re.dim() - 1))
+        # gx_k conj(E_k) summed down to a's shape ([1, N] or [1, H, N]), through one buffer of E's size
         product = torch.mul(E_re, gx_re).addcmul_(E_im, gx_im)
-        ga_re = product.sum(dims).reshape(a_re.shape)
-        ga_im = torch.mul(E_re, gx_im, out=product).addcmul_(E_im, gx_re, value=-1).sum(dims).reshape(a_im.shape)
+        ga_re = product.sum_to_size(a_re.shape)
+        ga_im = torch.mul(E_re, gx_im, out=product).addcmul_(E_im, gx_re, value=-1).sum_to_size(a_im.shape)
         return gx_re, gx_im, ga_re, ga_im, ginit_re, ginit_im
 
 
 class DiagonalSSM(nn.Module):
-    """DSS with Delta = 1 over `channels` channels (H) and `state_size` complex modes (N).
+    """DSS over `channels` channels (H) and `state_size` complex modes (N): the GSS paper's (Delta = 1), or with
+    `learned_step` the DSS paper's (Gupta et al. 2022, DSS_exp), which learns a step Delta per channel.
 
-    Initialisation (random, as the GSS paper found sufficient): exp(Lambda_re) log-uniform in
-    [1/max_memory, 1] (memory of 1 to max_memory tokens; the paper's 1e-3 is 1000), exp(Lambda_im)
-    log-uniform in [1e-3, pi] (periods from the whole context down to 2 tokens), C complex normal
-    with variance 1/N (so K[h, 0] ~ N(0, 1)), D standard normal.
+    Initialisation, Delta = 1 (random, as the GSS paper found sufficient): exp(Lambda_re) log-uniform in
+    [1/max_memory, 1] (memory of 1 to max_memory tokens; the paper's 1e-3 is 1000), exp(Lambda_im) log-uniform in
+    [1e-3, pi] (periods from the whole context down to 2 tokens). With a learned step (the DSS paper's): Delta
+    log-uniform in [1e-3, 1e-1] and Lambda_n = -1/2 + i pi (n + 1/2), S4D-Lin's approximation of DSS's skew-HiPPO
+    modes (the half keeps every imaginary part positive, which its log parameter needs); the channels' steps set
+    their timescales (memories of 20 to 2000 tokens), and max_memory is unused. Both: C complex normal with
+    variance 1/N (so K[h, 0] ~ N(0, 1) at Delta = 1; taps scale with Delta, their sum over a channel's memory
+    does not), D standard normal.
 
     Every parameter carries `_no_weight_decay = True`, which the optimizer reads: decay would pull
     Lambda_re towards 0, a memory of about one token, whatever the data says.
     """
 
     def __init__(self, channels: int, state_size: int, kernel: str = "fft", chunk_size: int = 128,
-                 max_memory: float = 1000.0):  # fmt: skip
+                 max_memory: float = 1000.0, learned_step: bool = False):  # fmt: skip
         super().__init__()
         if kernel not in ("fft", "chunked"):
             raise ValueError(f"ssm kernel must be 'fft' or 'chunked', got {kernel!r}")
         self.kernel_method, self.chunk_size = kernel, chunk_size
-        self.Lambda_re = nn.Parameter(torch.empty(state_size).uniform_(-math.log(max_memory), 0.0))
-        self.Lambda_im = nn.Parameter(torch.empty(state_size).uniform_(math.log(1e-3), math.log(math.pi)))
+        if learned_step:
+            self.Lambda_re = nn.Parameter(torch.full((state_size,), math.log(0.5)))
+            self.Lambda_im = nn.Parameter(torch.log(math.pi * (torch.arange(state_size) + 0.5)))
+        else:
+            self.Lambda_re = nn.Parameter(torch.empty(state_size).uniform_(-math.log(max_memory), 0.0))
+            self.Lambda_im = nn.Parameter(torch.empty(state_size).uniform_(math.log(1e-3), math.log(math.pi)))
         self.C_re = nn.Parameter(torch.randn(channels, state_size) / math.sqrt(2 * state_size))
         self.C_im = nn.Parameter(torch.randn(channels, state_size) / math.sqrt(2 * state_size))
         self.D = nn.Parameter(torch.randn(channels))
+        if learned_step:
+            self.log_dt = nn.Parameter(torch.empty(channels).uniform_(math.log(1e-3), math.log(1e-1)))
+            self.register_load_state_dict_pre_hook(step_of_one_for_older_weights)
+        else:
+            self.register_parameter("log_dt", None)
         self._mark_no_weight_decay()
 
     def _mark_no_weight_decay(self) -> None:
@@ -338,16 +407,20 @@ class DiagonalSSM(nn.Module):
         return torch.promote_types(self.C_re.dtype, torch.float32)
 
     def modes(self) -> tuple[Complex, Complex]:
-        """(W, Lambda) in compute_dtype."""
+        """(W, Delta Lambda) in compute_dtype: Delta Lambda [N] with Delta = 1, else [H, N]."""
         dtype = self.compute_dtype
         Lambda = (-torch.exp(self.Lambda_re.to(dtype)), torch.exp(self.Lambda_im.to(dtype)))  # Re < 0: decays
-        re, im = Lambda
-        # exp(Lambda) - 1 with expm1, so that modes with |Lambda| << 1 keep their precision.
+        if self.log_dt is None:
+            re, im = step = Lambda
+        else:
+            delta = torch.exp(self.log_dt.to(dtype))[:, None]
+            re, im = step = Lambda[0] * delta, Lambda[1] * delta
+        # exp(Delta Lambda) - 1 with expm1, so that modes with |Delta Lambda| << 1 keep their precision.
         exp_minus_one = (torch.expm1(re) * torch.cos(im) - 2 * torch.sin(im / 2) ** 2, torch.exp(re) * torch.sin(im))
-        abs2 = re * re + im * im
-        ratio = complex_mul(exp_minus_one, (re / abs2, -im / abs2))  # (exp(Lambda) - 1) / Lambda
+        abs2 = Lambda[0] ** 2 + Lambda[1] ** 2
+        ratio = complex_mul(exp_minus_one, (Lambda[0] / abs2, -Lambda[1] / abs2))  # (exp(Delta Lambda) - 1) / Lambda
         W = complex_mul((self.C_re.to(dtype), self.C_im.to(dtype)), ratio)
-        return W, Lambda
+        return W, step
 
     def kernel(self, length: int) -> Tensor:
         """K [H, length]: generated at run time, so any evaluation length works zero-shot."""
@@ -370,7 +443,7 @@ class DiagonalSSM(nn.Module):
             return y.mT.to(u.dtype), (new_state if state is not None else None)
 
     def step_constants(self) -> StepConstants:
-        """(W lam, lam, D + Re(sum_n W)) in compute_dtype, lam = exp(Lambda) [1, N]: the same for every token of a
+        """(W lam, lam, D + Re(sum_n W)) in compute_dtype, lam = exp(Delta Lambda) [1, N] or [1, H, N]: the same for every token of a
         decode, so computed once for it."""
         with torch.autocast(device_type=self.D.device.type, enabled=False):
             W, Lambda = self.modes()
@@ -383,3 +456,10 @@ class DiagonalSSM(nn.Module):
         with torch.autocast(device_type=u.device.type, enabled=False):
             y = scan_step_(u.to(self.compute_dtype), constants or self.step_constants(), state)
             return y.to(u.dtype)
+
+
+def step_of_one_for_older_weights(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *_: object) -> None:
+    """Weights of DSS layers saved before they learned a step (commits up to 1678b3f) load with Delta = 1, the step
+    they were trained with: checkpoints, registered models and exports of older runs still load, and compute the same."""
+    if f"{prefix}Lambda_re" in state_dict and f"{prefix}log_dt" not in state_dict:
+        state_dict[f"{prefix}log_dt"] = torch.zeros_like(module.D)
