@@ -138,16 +138,6 @@ class ComplexOps(CustomGraphPass):
         return None
 
 
-def peak_bytes(prof: torch.profiler.profile) -> int:
-    """The highest running total of the allocations minus frees the profiler saw (its '[memory]' events)."""
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    total = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        total += event.nbytes()
-        peak = max(peak, total)
-    return peak
-
-
 def eager_costs(step: Callable[[], None], top: int) -> dict[str, Any]:
     """Ops, bytes and peak memory of one eager step."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -158,7 +148,7 @@ def eager_costs(step: Callable[[], None], top: int) -> dict[str, Any]:
         "ATen ops": counter.ops["all"], "ATen ops moving data": counter.ops["moving data"],
         "ATen ops on complex tensors": counter.ops["complex"], "non-matmul GB": counter.bytes["non-matmul"] / GB,
         "complex-tensor GB": counter.bytes["complex"] / GB, "matmul GB": counter.bytes["matmul"] / GB,
-        "peak MiB": peak_bytes(prof) / MIB, "ops on complex tensors": sorted(counter.complex_ops),
+        "peak MiB": common.peak_bytes(prof) / MIB, "ops on complex tensors": sorted(counter.complex_ops),
         "top non-matmul ops": [{"op": op, "calls": calls, "GB": moved / GB} for op, (calls, moved) in ranked[:top]],
     }  # fmt: skip
 
@@ -226,7 +216,7 @@ def measure_variant(name: str, package: ModuleType, args: argparse.Namespace, de
     log(f"{name} compiled: {result['compiled']['first call s']:.0f} s; one step profiling memory")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    result["compiled"]["peak MiB"] = peak_bytes(prof) / MIB
+    result["compiled"]["peak MiB"] = common.peak_bytes(prof) / MIB
     if not args.no_time:
         log(f"{name} compiled: timing up to {args.reps} steps")
         result["compiled"]["step s"] = common.measure(step, device, args.warmup, args.reps, args.budget_s).median_s

@@ -130,6 +130,31 @@ def measure(fn: Callable[[], Any], device: torch.device, warmup: int, reps: int,
     return Timing(statistics.median(times), len(times))
 
 
+def peak_bytes(prof: torch.profiler.profile) -> int:
+    """The highest running total of the allocations minus frees a CPU profile (`profile_memory=True`) saw."""
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    total = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        total += event.nbytes()
+        peak = max(peak, total)
+    return peak
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
+    """Bytes fn() holds at its most, over what was allocated before it: the CUDA allocator's peak, or on a CPU the
+    profiler's running total (`peak_bytes`)."""
+    if device.type == "cuda":
+        sync(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return peak_bytes(prof)
+
+
 def top_ops(fn: Callable[[], Any], device: torch.device, k: int) -> list[tuple[str, float]]:
     """The k ops with the most self time (on the GPU where there is one) in one more call of fn: [(op, ms)]."""
     with torch.profiler.profile() as prof:

@@ -91,7 +91,7 @@ _SMALL = ModelConfig(
 # Paper presets of about the same size (184-203M parameters with the 32k vocabulary, embeddings
 # tied): GSS 16 layers; DSS blocks (DSS over E with a GLU, plus an MLP 7/8 as wide, which pays for the GLU)
 # 15 layers; Transformer 12 layers;
-# the hybrid replaces every 4th GSS layer by a chunked-attention block. Counts: `gss params`.
+# the hybrid replaces every 4th GSS layer by a chunked-attention block (small: the 4th of 4). Counts: `gss params`.
 PRESETS: dict[str, ModelConfig] = {
     "paper-gss": _PAPER,
     "paper-gss-hybrid": replace(_PAPER, arch="hybrid"),

@@ -206,6 +206,17 @@ def test_paper_presets_have_about_the_same_size():
     assert max(counts.values()) < 1.15 * min(counts.values()), counts
 
 
+def test_small_presets_are_matched_to_small_gss_and_the_hybrid_attends_in_one_layer_of_four():
+    """The miniature table's presets (BENCHMARKS.md section 8) within 5% of small-gss's parameters, and the small
+    hybrid at the paper's share of attention: small-gss with its 4th layer local attention, as the paper's 16 layers
+    have every 4th."""
+    counts = {name: build_model(PRESETS[name]).num_parameters() for name in PRESETS if name.startswith("small-")}
+    assert all(abs(count / counts["small-gss"] - 1) < 0.05 for count in counts.values()), counts
+    kinds = PRESETS["small-gss-hybrid"].layer_kinds()
+    assert kinds == ["gss", "gss", "gss", "local_attention"]
+    assert PRESETS["paper-gss-hybrid"].layer_kinds() == kinds * 4
+
+
 # The chunked loss (models/model.py, chunked_next_token_loss) against next_token_loss on the full logits: a vocab
 # of LOSS_VOCAB in chunks of LOSS_CHUNK rows, so that 2 × LENGTH = 42 rows are 8 whole chunks and a partial one.
 LOSS_VOCAB, LOSS_CHUNK = 300, 5
