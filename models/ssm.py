@@ -88,7 +88,7 @@ def per_channel_kernel_ref(W: Complex, Lambda: Complex, length: int) -> Tensor:
 
 
 def power_block(length: int) -> int:
-    """T, the power of two >= sqrt(length): blocks of T and A = ceil(length / T) powers make every power up to length."""
+    """T, the power of two >= sqrt(length): blocks of T and A = ceil(length / T) powers make all powers up to length."""
     return 1 << math.ceil(math.log2(length) / 2)
 
 
@@ -102,8 +102,8 @@ def _power_blocks(Lambda: Complex, length: int) -> tuple[Complex, Complex]:
 
 
 def per_channel_kernel(W: Complex, Lambda: Complex, length: int, max_block_elements: int = 1 << 24) -> Tensor:
-    """`per_channel_kernel_ref` without the [H, N, L] powers: K[h, a T + j] = Re(sum_n (W outer[a])[h, n] inner[j, h, n])
-    is a batched matmul over channels (`_PerChannelKernel`), run on groups of channels whose blocks hold at most
+    """`per_channel_kernel_ref` without the [H, N, L] powers: K[h, a T + j] = Re(sum_n (W outer[a])[h, n] inner[j, h,
+    n]) is a batched matmul over channels (`_PerChannelKernel`), run on groups of channels whose blocks hold at most
     `max_block_elements` each (64 MiB in float32): paper-dss (H = 1024, N = 512) in 2 groups at 4k, 8 at 64k."""
     channels, modes = W[0].shape
     block = power_block(length)
@@ -455,8 +455,8 @@ class DiagonalSSM(nn.Module):
             return y.mT.to(u.dtype), (new_state if state is not None else None)
 
     def step_constants(self) -> StepConstants:
-        """(W lam, lam, D + Re(sum_n W)) in compute_dtype, lam = exp(Delta Lambda) [1, N] or [1, H, N]: the same for every token of a
-        decode, so computed once for it."""
+        """(W lam, lam, D + Re(sum_n W)) in compute_dtype, lam = exp(Delta Lambda) [1, N] or [1, H, N]: the same for
+        every token of a decode, so computed once for it."""
         with torch.autocast(device_type=self.D.device.type, enabled=False):
             W, Lambda = self.modes()
             lam = complex_powers(Lambda, torch.ones(1, device=self.D.device))
@@ -472,6 +472,6 @@ class DiagonalSSM(nn.Module):
 
 def step_of_one_for_older_weights(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *_: object) -> None:
     """Weights of DSS layers saved before they learned a step (commits up to 1678b3f) load with Delta = 1, the step
-    they were trained with: checkpoints, registered models and exports of older runs still load, and compute the same."""
+    they were trained with: checkpoints, registered models and exports of older runs load, and compute the same."""
     if f"{prefix}Lambda_re" in state_dict and f"{prefix}log_dt" not in state_dict:
         state_dict[f"{prefix}log_dt"] = torch.zeros_like(module.D)
