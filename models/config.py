@@ -35,8 +35,8 @@ class ModelConfig:
     ssm_chunk: int = 128
     """Tokens per chunk of the chunked kernel."""
     ssm_max_memory: float = 1000.0
-    """GSS: the slowest mode's memory at init, in tokens (decay rates log-uniform in [1/this, 1]); the paper's 1000.
-    DSS starts from its own paper's modes and steps instead."""
+    """The longest timescale at init, in tokens: GSS's decay rates are log-uniform in [1/this, 1], DSS's steps in
+    [1/this, 100/this] (the default 1000 is both papers': GSS's 1e-3, DSS's [1e-3, 1e-1])."""
     n_heads: int = 16
     """Attention heads (transformer, hybrid)."""
     attn_chunk: int = 512

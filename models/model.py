@@ -129,7 +129,8 @@ class DSSBlock(SSMBlock):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm = nn.LayerNorm(cfg.d_model)
-        self.ssm = DiagonalSSM(cfg.d_model, cfg.state_size, cfg.ssm_kernel, cfg.ssm_chunk, learned_step=True)
+        self.ssm = DiagonalSSM(cfg.d_model, cfg.state_size, cfg.ssm_kernel, cfg.ssm_chunk, cfg.ssm_max_memory,
+                               learned_step=True)
         self.out = nn.Linear(cfg.d_model, 2 * cfg.d_model)  # value and gate halves of the GLU
         self.mlp = MLP(cfg)
 

@@ -371,9 +371,10 @@ class DiagonalSSM(nn.Module):
     Initialisation, Delta = 1 (random, as the GSS paper found sufficient): exp(Lambda_re) log-uniform in
     [1/max_memory, 1] (memory of 1 to max_memory tokens; the paper's 1e-3 is 1000), exp(Lambda_im) log-uniform in
     [1e-3, pi] (periods from the whole context down to 2 tokens). With a learned step (the DSS paper's): Delta
-    log-uniform in [1e-3, 1e-1] and Lambda_n = -1/2 + i pi (n + 1/2), S4D-Lin's approximation of DSS's skew-HiPPO
-    modes (the half keeps every imaginary part positive, which its log parameter needs); the channels' steps set
-    their timescales (memories of 20 to 2000 tokens), and max_memory is unused. Both: C complex normal with
+    log-uniform in [1/max_memory, 100/max_memory], timescales 1/Delta of max_memory / 100 to max_memory tokens (at
+    the default 1000 the DSS paper's [1e-3, 1e-1]), and Lambda_n = -1/2 + i pi (n + 1/2), S4D-Lin's approximation
+    of DSS's skew-HiPPO modes (the half keeps every imaginary part positive, which its log parameter needs). Both:
+    C complex normal with
     variance 1/N (so K[h, 0] ~ N(0, 1) at Delta = 1; taps scale with Delta, their sum over a channel's memory
     does not), D standard normal.
 
@@ -397,7 +398,7 @@ class DiagonalSSM(nn.Module):
         self.C_im = nn.Parameter(torch.randn(channels, state_size) / math.sqrt(2 * state_size))
         self.D = nn.Parameter(torch.randn(channels))
         if learned_step:
-            self.log_dt = nn.Parameter(torch.empty(channels).uniform_(math.log(1e-3), math.log(1e-1)))
+            self.log_dt = nn.Parameter(torch.empty(channels).uniform_(-math.log(max_memory), math.log(100 / max_memory)))
             self.register_load_state_dict_pre_hook(step_of_one_for_older_weights)
         else:
             self.register_parameter("log_dt", None)

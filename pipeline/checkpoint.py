@@ -171,13 +171,23 @@ def restore(folder: str, model: torch.nn.Module, optimizer: torch.optim.Optimize
         raise ValueError(f"{folder} was written without train.fsdp (one file, no shards): resume it with "
                          "train.fsdp=false, or start a new run name")
     else:
-        if any(key.endswith(".to_ssm.weight") for key in state["model"]):
-            raise ValueError(f"{folder} was written before GSS's input projections became one (commit da38185 or "
-                             "earlier): its weights load (gss eval, generate, export), its optimizer state does not; "
-                             "resume it with that code, or start a new run name")
+        older = older_model(state["model"], unwrap(model))
+        if older:
+            raise ValueError(f"{folder} was written {older}: its weights load (gss eval, generate, export), its "
+                             "optimizer state does not; resume it with that code, or start a new run name")
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
     return state
+
+
+def older_model(weights: dict[str, Any], model: torch.nn.Module) -> str | None:
+    """When `weights` are of an older version of `model`, which (models/ loads their weights, not an optimizer's
+    state for other parameters); else None."""
+    if any(key.endswith(".to_ssm.weight") for key in weights):
+        return "before GSS's input projections became one (commit da38185 or earlier)"
+    if any(key.endswith(".log_dt") and key not in weights for key in model.state_dict()):
+        return "before DSS learned its step (commit 1678b3f or earlier)"
+    return None
 
 
 def load(folder: str) -> dict[str, Any]:

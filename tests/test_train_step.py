@@ -23,9 +23,6 @@ COMPLEX_OPS_ALLOWED = {torch.ops.aten._fft_r2c.default, torch.ops.aten._fft_c2r.
                        torch.ops.aten.view_as_real.default, torch.ops.aten.view_as_complex.default}  # fmt: skip
 
 
-BEFORE_FUSED_INPUT = Path(__file__).parent / "data" / "gss_before_fused_input.pt"
-
-
 @contextmanager
 def unsupported_type_fallbacks():
     """The ops Inductor leaves to eager because of their dtype (complex), recorded while it lowers a fresh graph
@@ -69,24 +66,34 @@ def test_the_training_step_compiles_whole_and_equals_the_eager_step(arch):
         torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 
 
-def test_weights_saved_before_the_input_projections_were_merged_still_load():
-    """tests/data/gss_before_fused_input.pt: a tiny GSS model's weights and logits, written by commit da38185
-    (`to_gate` and `to_ssm`, two Linears over the same input); today's one Linear loads them, strictly, and gives
-    the same logits."""
-    saved = torch.load(BEFORE_FUSED_INPUT, weights_only=True)
-    assert {"blocks.0.to_gate.weight", "blocks.0.to_ssm.bias"} <= saved["model"].keys()
+# Weights written by older code (tests/data): each file holds a tiny model's weights and config, an input and the
+# logits that code gave, and the message a training checkpoint of them gives on resume.
+OLDER_WEIGHTS = {
+    # commit da38185: GSS's `to_gate` and `to_ssm`, two Linears over the same input, now one
+    "gss_before_fused_input.pt": "before GSS's input projections became one",
+    # commit 1678b3f: DSS without its learned step (no `log_dt`), which now loads as a step of 1
+    "dss_before_learned_step.pt": "before DSS learned its step",
+}
+older_weights = pytest.mark.parametrize("name", OLDER_WEIGHTS)
+
+
+@older_weights
+def test_weights_of_older_models_still_load_and_give_the_same_logits(name):
+    saved = torch.load(Path(__file__).parent / "data" / name, weights_only=True)
     model = build_model(ModelConfig(**saved["model_config"])).eval()
-    model.load_state_dict(saved["model"])
+    assert saved["model"].keys() != model.state_dict().keys(), "the file is not of an older layout"
+    model.load_state_dict(saved["model"])  # strictly
     with torch.no_grad():
         logits, _ = model(saved["input_ids"])
     torch.testing.assert_close(logits, saved["logits"], atol=1e-6, rtol=1e-5)
 
 
-def test_a_training_checkpoint_from_before_the_merge_says_it_cannot_resume(tmp_path):
-    """Its weights load, its optimizer state (AdamW's moments of two Linears where there is one) does not: one clear
-    error, not optimizer.load_state_dict's complaint about group sizes."""
-    saved = torch.load(BEFORE_FUSED_INPUT, weights_only=True)
+@older_weights
+def test_a_training_checkpoint_of_an_older_model_says_it_cannot_resume(tmp_path, name):
+    """Its weights load, its optimizer state (AdamW's moments of other parameters) does not: one clear error, not
+    optimizer.load_state_dict's complaint about group sizes."""
+    saved = torch.load(Path(__file__).parent / "data" / name, weights_only=True)
     torch.save({"model": saved["model"], "optimizer": {}, "step": 1}, tmp_path / checkpoint.STATE)
     model = build_model(ModelConfig(**saved["model_config"]))
-    with pytest.raises(ValueError, match="before GSS's input projections became one.*start a new run name"):
+    with pytest.raises(ValueError, match=f"{OLDER_WEIGHTS[name]}.*start a new run name"):
         checkpoint.restore(str(tmp_path), model, torch.optim.AdamW(model.parameters()))
