@@ -398,7 +398,8 @@ class DiagonalSSM(nn.Module):
         self.C_im = nn.Parameter(torch.randn(channels, state_size) / math.sqrt(2 * state_size))
         self.D = nn.Parameter(torch.randn(channels))
         if learned_step:
-            self.log_dt = nn.Parameter(torch.empty(channels).uniform_(-math.log(max_memory), math.log(100 / max_memory)))
+            log_steps = -math.log(max_memory), math.log(100 / max_memory)
+            self.log_dt = nn.Parameter(torch.empty(channels).uniform_(*log_steps))
             self.register_load_state_dict_pre_hook(step_of_one_for_older_weights)
         else:
             self.register_parameter("log_dt", None)
