@@ -9,6 +9,8 @@
 #   presets_64k.json  the same for paper-gss and paper-transformer at 1 x 65536: GSS >= 90% of its 4k tokens/s
 #                     and >= 3x the Transformer's
 #   ssm_kernels.json  the SSM layer's fwd+bwd, fft against chunked (128, 256), L = 4k..64k
+#   dss_kernel.json   DSS's kernel and layer with its learned step per channel against Delta = 1 at 4k (fwd+bwd)
+#                     and 64k (fwd): ms and peak memory
 #   decoding.json     recurrent decoding ms/token of paper-gss at 1k..64k context, against recomputing
 #   generate.json     paper-gss `generate` at batch 1 and 64: eager against the fast step (compiled, CUDA graph),
 #                     fp32 and bf16 weights; greedy tokens fast = eager in fp32, bf16 logits against fp32's
@@ -40,6 +42,7 @@ bench() { echo "== $*"; "$PYTHON" -m "$@"; }
     --presets paper-gss,paper-transformer --peak-tflops "$peak" --out "$out/presets_64k.json"
   bench benchmarks.bench_kernels --device cuda --part ssm --ssm-lengths 4k,8k,16k,32k,64k --fwd-bwd-max 64k \
     --chunks 128,256 --reps 10 --out "$out/ssm_kernels.json"
+  bench benchmarks.bench_dss_kernel --device cuda --reps 10 --out "$out/dss_kernel.json"
   bench benchmarks.bench_decoding --device cuda --dtype bf16 --preset paper-gss --contexts 1k,4k,16k,64k \
     --step-reps 100 --peak-tflops "$peak" --out "$out/decoding.json"
   bench benchmarks.bench_generate --device cuda --presets paper-gss --batches 1,64 --steps 64 --reps 3 \
