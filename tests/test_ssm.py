@@ -284,7 +284,12 @@ def test_float32_stays_accurate_at_long_lengths(record_property, learned_step):
 
 
 def test_initial_memory_is_bounded_by_max_memory():
-    """No mode outlives ssm_max_memory at init: the kernel beyond a few times it is negligible."""
+    """No mode outlives ssm_max_memory at init: the kernel beyond a few times it is negligible. DSS's steps start in
+    [1/max_memory, 100/max_memory]: the DSS paper's [1e-3, 1e-1] at the default 1000."""
+    for max_memory in (64.0, 1000.0):
+        steps = DiagonalSSM(512, 8, max_memory=max_memory, learned_step=True).log_dt.exp()
+        assert 1 / max_memory <= steps.min() and steps.max() <= 100 / max_memory
+        assert steps.max() / steps.min() > 50  # spread over the range, not bunched
     for max_memory in (16.0, 1000.0):
         kernel = DiagonalSSM(8, 64, max_memory=max_memory).kernel(8192).abs()
         late = kernel[:, int(8 * max_memory):].max()
