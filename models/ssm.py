@@ -87,17 +87,18 @@ def per_channel_kernel_ref(W: Complex, Lambda: Complex, length: int) -> Tensor:
     return (W[0] * powers[0] - W[1] * powers[1]).sum(-1).T
 
 
-def power_block(length: int) -> int:
-    """T, the power of two >= sqrt(length): blocks of T and A = ceil(length / T) powers make all powers up to length."""
-    return 1 << math.ceil(math.log2(length) / 2)
+def power_blocks(length: int) -> tuple[int, int]:
+    """(T, A): T the power of two >= sqrt(length), A = ceil(length / T); A blocks of T powers make all up to length."""
+    block = 1 << math.ceil(math.log2(length) / 2)
+    return block, -(-length // block)
 
 
 def _power_blocks(Lambda: Complex, length: int) -> tuple[Complex, Complex]:
-    """exp(Lambda l) for l = a T + j (T = `power_block(length)`) as outer[a] * inner[j]: outer = exp(Lambda a T)
+    """exp(Lambda l) for l = a T + j (`power_blocks(length)`) as outer[a] * inner[j]: outer = exp(Lambda a T)
     [A, H, N] and inner = exp(Lambda j) [T, H, N], with A T >= length."""
-    block = power_block(length)
+    block, n_blocks = power_blocks(length)
     device = Lambda[0].device
-    outer = complex_powers(Lambda, torch.arange(-(-length // block), device=device) * block)
+    outer = complex_powers(Lambda, torch.arange(n_blocks, device=device) * block)
     return outer, complex_powers(Lambda, torch.arange(block, device=device))
 
 
@@ -106,8 +107,7 @@ def per_channel_kernel(W: Complex, Lambda: Complex, length: int, max_block_eleme
     n]) is a batched matmul over channels (`_PerChannelKernel`), run on groups of channels whose blocks hold at most
     `max_block_elements` each (64 MiB in float32): paper-dss (H = 1024, N = 512) in 2 groups at 4k, 8 at 64k."""
     channels, modes = W[0].shape
-    block = power_block(length)
-    group = max(1, max_block_elements // (modes * (-(-length // block) + block)))
+    group = max(1, max_block_elements // (modes * sum(power_blocks(length))))
     if group >= channels:
         return _PerChannelKernel.apply(*W, *Lambda, length)
     return torch.cat([_PerChannelKernel.apply(*(part[start : start + group] for part in (*W, *Lambda)), length)
