@@ -30,8 +30,11 @@ run: setup
 # against 22 min alone in the run before: XLA's compiles take every core while Ray's tests wait on theirs.
 test: test-cpu test-xla
 
+# Two pytest workers side by side (pytest-xdist), a whole file to each at a time, so a module's fixtures are made
+# once: one at a time, the lane used a third of the CPU, most of its time waiting on Ray, servers and subprocesses.
+TEST_WORKERS ?= 2
 test-cpu: setup
-	PATH="$(abspath $(VENV))/bin:$$PATH" python -m pytest -m "not xla" $(PYTEST_ARGS)
+	PATH="$(abspath $(VENV))/bin:$$PATH" python -m pytest -m "not xla" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The gs:// tests alone (they are part of test-cpu): every stage against a local GCS server.
 test-gcs: setup
