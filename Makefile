@@ -32,9 +32,11 @@ test: test-cpu test-xla
 
 # Two pytest workers side by side (pytest-xdist), a whole file to each at a time, so a module's fixtures are made
 # once: one at a time, the lane used a third of the CPU, most of its time waiting on Ray, servers and subprocesses.
+# Files go out in collection order, the long ones first (tests/conftest.py).
 TEST_WORKERS ?= 2
 test-cpu: setup
-	PATH="$(abspath $(VENV))/bin:$$PATH" python -m pytest -m "not xla" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	PATH="$(abspath $(VENV))/bin:$$PATH" python -m pytest -m "not xla" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
+		$(PYTEST_ARGS)
 
 # The gs:// tests alone (they are part of test-cpu): every stage against a local GCS server.
 test-gcs: setup

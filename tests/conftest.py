@@ -9,6 +9,18 @@ os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
 
 from tests.seed import TEST_SEED
 
+# The files that take minutes, in this order before the rest: `make test-cpu`'s two workers take whole files in
+# collection order (pytest-xdist's loadfile, not reordered), so none of them starts last and runs on alone at the end.
+LONG_FILES = ("test_tracking_server.py", "test_gcs.py", "test_lost_node.py", "test_train.py", "test_pipeline.py",
+              "test_fsdp.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        return LONG_FILES.index(item.path.name) if item.path.name in LONG_FILES else len(LONG_FILES)
+
+    items.sort(key=rank)  # stable: each file's tests, and the other files, keep their order
+
 
 @pytest.fixture(autouse=True)
 def _seed():

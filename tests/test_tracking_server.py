@@ -131,7 +131,7 @@ def test_training_outlives_the_tracking_server_and_its_database(stack):
     stack.server.start()
     wait_for(job, reached_step(stack, name, 25), "step 25 in MLflow")
     stack.postgres.restart(down_s=3)
-    output, _ = job.communicate(timeout=600)
+    output, _ = job.communicate(timeout=1200)  # a hang guard: 89 s alone, 221 s beside another test file
     assert job.returncode == 0, output[-3000:]
     assert_finished_once(stack, name, steps)
 
@@ -231,7 +231,8 @@ def test_two_cells_at_once_with_two_workers_each_lose_no_metric_and_duplicate_no
         "axes": {"seed": {"a": {"train.seed": 1}, "b": {"train.seed": 2}}}}))
     job = subprocess.Popen([sys.executable, "-m", "jobs.cli", "sweep", str(tmp_path / "sweep.yaml")],
                            env=stack.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output, _ = job.communicate(timeout=600)
+    # A hang guard, not a time limit: 149 s alone, 460 s beside another test file (`make test-cpu` runs two at once)
+    output, _ = job.communicate(timeout=1200)
     assert job.returncode == 0, output[-3000:]
     assert "2 at a time" in output
     client = stack.admin()
