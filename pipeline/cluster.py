@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 
 from pipeline.config import RayConfig
 from pipeline.logs import link_ray_session_logs
@@ -18,9 +19,8 @@ class ClusterError(Exception):
 
 
 def connect(cfg: RayConfig) -> None:
-    """Join the cluster at `ray.address` / $RAY_ADDRESS, else start a local one (whatever address an earlier
-    cluster left in /tmp/ray); idempotent. An address that does not answer within REACH_TIMEOUT_S is a
-    `ClusterError` (Ray itself would retry it forever).
+    """Join the cluster at `ray.address` / $RAY_ADDRESS, else start a local one (`start_local`); idempotent. An
+    address that does not answer within REACH_TIMEOUT_S is a `ClusterError` (Ray itself would retry it forever).
 
     Workers' output stays in Ray's session logs (`log_to_driver=False`): the stages show their own
     progress, and a worker's error reaches the driver as the exception Ray raises there.
@@ -34,14 +34,37 @@ def connect(cfg: RayConfig) -> None:
             check_reachable(address)
             ray.init(address=address, **quiet)
         else:
-            # "local": a new cluster even if another one on this machine left its address behind in /tmp/ray
-            ray.init(address="local", num_cpus=cfg.num_cpus or None, include_dashboard=cfg.dashboard, **quiet)
+            start_local(cfg, quiet)
         if not address.startswith("ray://"):  # a Ray Client driver has no Ray session on this machine
             link_ray_session_logs()
     context = ray.data.DataContext.get_current()
     # results in input order: everything built from them is deterministic
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False  # each stage draws its own
+
+
+def start_local(cfg: RayConfig, options: dict) -> None:
+    """A new cluster on this machine, in a Ray temp folder of its own that names it. Ray's lookups of "this machine's
+    cluster" made from inside a cluster read the address file in Ray's temp folder, where `ray start` (before or
+    after this) writes the address of its own: Ray Train's placement-group cleaner makes one every second and, told by
+    that other cluster that the run's controller did not exist, removed the run's placement group (the run died of
+    "controller error"). An address an earlier cluster left there is not joined either."""
+    import ray
+    from ray._private.utils import write_ray_address  # private: the address file's own code
+
+    saved = os.environ.get("RAY_TMPDIR")
+    if saved:
+        os.makedirs(saved, exist_ok=True)  # as Ray would
+    own = tempfile.mkdtemp(prefix="gss-ray-", dir=saved or None)  # short below /tmp: Ray's socket paths live under it
+    os.environ["RAY_TMPDIR"] = own  # while the cluster starts: its processes keep it, this one's children do not
+    try:
+        ray.init(address="local", num_cpus=cfg.num_cpus or None, include_dashboard=cfg.dashboard, **options)
+        write_ray_address(ray.get_runtime_context().gcs_address, os.path.join(own, "ray"))  # Ray's layout
+    finally:
+        if saved is None:
+            del os.environ["RAY_TMPDIR"]
+        else:
+            os.environ["RAY_TMPDIR"] = saved
 
 
 def check_reachable(address: str) -> None:

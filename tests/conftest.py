@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 import torch
@@ -6,6 +7,13 @@ import torch
 # Ray's auto-connect off, for this process and every `gss` process a test starts: a Ray call that a command makes
 # before `pipeline.cluster.connect` fails instead of joining whatever cluster /tmp/ray names.
 os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
+
+# Each pytest-xdist worker its own Ray temp folder, for its processes and theirs. A cluster started by `ray start` or
+# `ray.cluster_utils.Cluster` writes its address to <temp>/ray/ray_current_cluster, and Ray Train's placement-group
+# cleaner, started with each training run, asks the cluster named there whether the run's controller lives. Named the
+# other worker's cluster, it was told no and removed a live run's placement group: the run died of "controller error".
+if worker := os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["RAY_TMPDIR"] = os.path.join(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir(), f"ray-{worker}")
 
 from tests.seed import TEST_SEED
 

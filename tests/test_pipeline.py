@@ -1,6 +1,5 @@
 """End to end on a real local Ray cluster and a real MLflow store: run, eval, compare, reeval, generate."""
 
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,6 +15,7 @@ from jobs.run import run_pipeline
 from pipeline.config import load_config
 from pipeline.evaluate import EvalError, eval_stage, suite_todo
 from tests.corpus import as_overrides, fresh_process_env, run_config, write_pg19
+from tests.ray_head import free_port
 
 LENGTHS = [64, 128, 256, 1_000_000]  # the last is longer than every document: capped, not computed
 
@@ -197,13 +197,6 @@ def test_the_registered_model_loads_where_this_repository_is_not_importable(fini
         ["The river"], params=greedy)
 
 
-def closed_port() -> int:
-    """A local port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def gss(*args: str, timeout: float, **env: str) -> subprocess.CompletedProcess:
     """A `gss` command as a separate process (its own Ray connection), killed after `timeout` seconds."""
     return subprocess.run([sys.executable, "-m", "jobs.cli", *args], env=fresh_process_env(**env),
@@ -216,7 +209,7 @@ def test_eval_and_reeval_run_on_a_new_cluster_whatever_address_an_old_one_left(f
     overrides, _ = finished
     ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths live under it
     (Path(ray_tmp) / "ray").mkdir()
-    (Path(ray_tmp) / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{closed_port()}")
+    (Path(ray_tmp) / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
     for command in (["eval", *overrides, "eval.lengths=[48]"], ["reeval", *overrides, "eval.lengths=[40]"]):
         job = gss(*command, timeout=300, RAY_TMPDIR=ray_tmp)
         assert job.returncode == 0, job.stderr[-3000:]
@@ -225,7 +218,7 @@ def test_eval_and_reeval_run_on_a_new_cluster_whatever_address_an_old_one_left(f
 
 def test_a_dead_ray_address_is_one_line_within_a_minute(finished):
     overrides, _ = finished
-    address = f"127.0.0.1:{closed_port()}"
+    address = f"127.0.0.1:{free_port()}"
     for where in ({"RAY_ADDRESS": address}, {}):
         config = [*overrides] if where else [*overrides, f"ray.address={address}"]
         started = time.monotonic()

@@ -1,18 +1,14 @@
 """`gss submit` through the Ray Jobs API of a real local cluster (its dashboard), and against a head with Ray's
 token authentication on, as ray_cluster.yaml and infra/kuberay run theirs."""
 
-import contextlib
 import dataclasses
 import os
 import re
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,6 +17,7 @@ import pytest
 
 from jobs.cli import command_names, main
 from jobs.submit import entrypoint, runtime_env
+from tests.ray_head import free_port, ray_head, without_ray_auth
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,17 +61,6 @@ def test_only_gss_commands_are_submitted():
 # Ray's token authentication: a head started as `ray up` starts one, `gss submit` as a user runs it
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _without_ray_auth(env: dict[str, str]) -> dict[str, str]:
-    """`env` less every token setting (the session's `ray_cluster` sets RAY_AUTH_MODE=token in this process)."""
-    return {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
-
-
 @dataclasses.dataclass
 class TokenHead:
     url: str  # the dashboard's
@@ -89,52 +75,34 @@ class TokenHead:
         return f"(the head ended, {self.process.returncode}: {self.log.read_text()[-3000:]})"
 
 
+def answers_only_with_a_token(url: str) -> bool:
+    """The dashboard at `url` serves, and refuses a request without a token."""
+    try:
+        urllib.request.urlopen(f"{url}/api/version", timeout=5)
+        raise AssertionError("the dashboard answered without a token: token authentication is off")
+    except urllib.error.HTTPError as e:
+        return e.code == 401
+    except OSError:
+        return False
+
+
 @pytest.fixture(scope="module")
 def token_head():
     """A Ray head with token authentication on, started as ray_cluster.yaml's
     head_start_ray_commands start one (`RAY_AUTH_MODE=token ray start --head`), its token one of ours.
 
-    Its own HOME, temp dir and ports, so the session's `ray_cluster` and the user's ~/.ray are untouched; `--block`,
-    so that ending this one process ends its node (never `ray stop`: it stops every Ray on the machine)."""
+    Its own HOME, temp dir and ports, so the session's `ray_cluster` and the user's ~/.ray are untouched."""
     from tests.corpus import fresh_process_env
 
     root = Path(tempfile.mkdtemp(prefix="gss-auth-", dir="/tmp"))  # short: Ray's socket paths live under it
     token = secrets.token_hex(32)  # what `ray get-auth-token --generate` makes
-    flags = ("dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "ray-client-server-port",
-             "metrics-export-port", "runtime-env-agent-port")
-    ports = {flag: _free_port() for flag in flags}
-    env = _without_ray_auth(fresh_process_env()) | {
+    env = without_ray_auth(fresh_process_env()) | {
         "HOME": str(root), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # the job's `python`
-    head = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--port=0", "--num-cpus=1",
-         f"--temp-dir={root / 'ray'}", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
-         *(f"--{flag}={port}" for flag, port in ports.items())],
-        env=env, stdout=(root / "head.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{ports['dashboard-port']}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert head.poll() is None, f"the head ended: {(root / 'head.log').read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no dashboard at {url} after 90 s"
-            try:
-                urllib.request.urlopen(f"{url}/api/version", timeout=5)
-                raise AssertionError("the dashboard answered without a token: token authentication is off")
-            except urllib.error.HTTPError as e:
-                if e.code == 401:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.3)
-        yield TokenHead(url, token, head, root / "head.log")
+        with ray_head(root / "head.log", env, answers_only_with_a_token, f"--temp-dir={root / 'ray'}") as (url, head):
+            yield TokenHead(url, token, head, root / "head.log")
     finally:
-        head.terminate()  # `ray start --block` stops its node's processes on SIGTERM
-        try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGKILL)  # whatever of its session is left
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -143,7 +111,7 @@ def gss_submit(home: Path, *args: str, **token_env: str) -> subprocess.Completed
     `token_env`."""
     from tests.corpus import fresh_process_env
 
-    env = _without_ray_auth(fresh_process_env()) | {"HOME": str(home)} | token_env
+    env = without_ray_auth(fresh_process_env()) | {"HOME": str(home)} | token_env
     return subprocess.run([sys.executable, "-m", "jobs.cli", "submit", *args], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=240)
 
@@ -196,7 +164,7 @@ def test_a_cluster_that_refuses_the_token_says_so_and_how_to_get_it(token_head, 
 
 
 def test_an_address_where_nothing_listens(tmp_path):
-    address = f"http://127.0.0.1:{_free_port()}"
+    address = f"http://127.0.0.1:{free_port()}"
     line = one_line(gss_submit(tmp_path, "--address", address, "--", "gss", "params", "small-gss"))
     assert line.startswith(f"gss submit: no Ray cluster answers at {address};") and "ray up ray_cluster.yaml" in line
 
