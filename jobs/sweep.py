@@ -28,6 +28,7 @@ the lowest token perplexity (loss) at the training length. So with `panels: arch
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -40,7 +41,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import ConfigError, RunConfig, from_dict, load_config, to_dict
-from pipeline.tracking import Tag, Tracking, sweep_cells
+from pipeline.tracking import Tag, Tracking, sweep_cells, tracking_uri
 
 KEYS = {"name", "base", "set", "axes", "exclude", "panels", "lines"}
 
@@ -118,6 +119,12 @@ def _run_cell(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"parent_run_id": result["parent_run_id"], "model_uri": result["model_uri"]}
 
 
+def with_store(cfg: RunConfig) -> RunConfig:
+    """`cfg` with its MLflow store resolved here (`tracking.uri`, else this shell's $MLFLOW_TRACKING_URI, else the
+    root's): a cell runs in a Ray worker, whose environment is the cluster's, and the sweep tags its run here."""
+    return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=tracking_uri(cfg)))
+
+
 def cells_at_once(cfg: RunConfig) -> int:
     """How many cells' trainers the cluster holds at once: its CPUs (GPUs, TPUs) ÷ what one trainer's workers ask."""
     import ray
@@ -173,7 +180,7 @@ def sweep(path: str, overrides: list[str] = (), only: list[str] = ()) -> dict[st
     while todo or running:
         while todo and len(running) < at_once:
             name = todo.pop(0)
-            running[task.remote(to_dict(configs[name]))] = name
+            running[task.remote(to_dict(with_store(configs[name])))] = name
         [ref], _ = ray.wait(list(running), num_returns=1)
         name = running.pop(ref)
         try:

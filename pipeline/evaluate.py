@@ -133,6 +133,21 @@ class ClusterScorer:
         self.actors = [self._start() for _ in range(cfg.eval.num_workers or cfg.train.num_workers)]
         self.piece_tokens = cfg.eval.piece_tokens
 
+    def __enter__(self) -> ClusterScorer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """End the scorers now, not when the last reference to them goes: a traceback or a reference cycle can put
+        that off for minutes (one held a CPU of the test cluster for five, and the next training waited for it)."""
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
     def _start(self):
         import ray
 
@@ -281,15 +296,16 @@ def evaluate(cfg: RunConfig, loaded: LoadedModel, todo: dict[str, list[int]] | N
                 yield (split, length, batch), *window_arrays(arrays, eod, batch)
 
     total = sum(len(d["tokens"]) for split, _ in scored for d in docs[split])
-    scorers = ClusterScorer(loaded.model, cfg)
-    started = time.perf_counter()
-    # the bar's rate is the whole cluster's: every actor's results arrive here
-    with tqdm(total=total, desc=f"[eval] {len(scorers.actors)} scorer(s)", unit="tok", unit_scale=True,
-              dynamic_ncols=True) as bar:
-        for (split, length, batch), totals, busy in scorers.run(jobs()):
-            np.add.at(scored[split, length], [d for d, _, _ in batch], totals)
-            seconds[split, length] += busy
-            bar.update(sum(size for _, _, size in batch))
+    with ClusterScorer(loaded.model, cfg) as scorers:
+        started = time.perf_counter()
+        # the bar's rate is the whole cluster's: every actor's results arrive here
+        with tqdm(total=total, desc=f"[eval] {len(scorers.actors)} scorer(s)", unit="tok", unit_scale=True,
+                  dynamic_ncols=True) as bar:
+            for (split, length, batch), totals, busy in scorers.run(jobs()):
+                np.add.at(scored[split, length], [d for d, _, _ in batch], totals)
+                seconds[split, length] += busy
+                bar.update(sum(size for _, _, size in batch))
+        wall, actors = time.perf_counter() - started, len(scorers.actors)
     for (split, length), nll in scored.items():
         row = {"split": split, "length": length, "capped": False, "documents": len(docs[split]),
                **metrics_at_length(nll, docs[split]), "seconds": seconds[split, length]}
@@ -297,8 +313,7 @@ def evaluate(cfg: RunConfig, loaded: LoadedModel, todo: dict[str, list[int]] | N
         print(f"[eval] {split:<10} L={length:>6}  token ppl {row['token_ppl']:9.3f}  word ppl {row['word_ppl']:9.3f}  "
               f"bits/byte {row['bits_per_byte']:.4f}")
         rows.append(row)
-    wall = time.perf_counter() - started
-    print(f"[eval] {total:,} tokens in {wall:.1f} s: {total / wall:,.0f} tokens/s over {len(scorers.actors)} scorer(s)")
+    print(f"[eval] {total:,} tokens in {wall:.1f} s: {total / wall:,.0f} tokens/s over {actors} scorer(s)")
     return sorted(rows, key=lambda r: (list(todo).index(r["split"]), r["length"]))
 
 

@@ -96,13 +96,17 @@ def test_the_batches_of_a_lost_scorer_go_to_the_one_left_or_to_a_new_one(corpus,
     docs = [d["tokens"] for d in eval_documents(dataset_dir(cfg), "test")]
     windows = {i: window_arrays(docs, manifest["tokenizer"]["eod_id"], batch)
                for i, batch in enumerate(token_batches([len(d) for d in docs], 32, 64))}
-    scorers = ClusterScorer(model, cfg)
     scored = {}
-    for key, totals, _ in scorers.run((i, *arrays) for i, arrays in windows.items()):
-        if not scored:  # the others still in flight, two on each scorer
-            for actor in scorers.actors[:lost]:
-                ray.kill(actor, no_restart=True)
-        scored[key] = totals
+    with ClusterScorer(model, cfg) as scorers:
+        for key, totals, _ in scorers.run((i, *arrays) for i, arrays in windows.items()):
+            if not scored:  # the others still in flight, two on each scorer
+                for actor in scorers.actors[:lost]:
+                    ray.kill(actor, no_restart=True)
+            scored[key] = totals
+        left = list(scorers.actors)
+    for actor in left:  # ended with the block, though this test still holds them
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.__ray_ready__.remote(), timeout=60)
     assert sorted(scored) == sorted(windows) and len(windows) > 8
     for i, (inputs, targets) in windows.items():
         np.testing.assert_allclose(scored[i], score_windows(model, inputs, targets, 24, torch.device("cpu")),

@@ -27,9 +27,11 @@ def sweep_file(tmp_path_factory, ray_cluster):
     return root / "sweep.yaml"
 
 
-def test_a_sweep_runs_every_cell_reports_the_broken_one_and_compares_them(sweep_file):
+def test_a_sweep_runs_every_cell_reports_the_broken_one_and_compares_them(sweep_file, monkeypatch):
     from mlflow import MlflowClient
 
+    # the store as a user's $MLFLOW_TRACKING_URI names it, in this shell only: the cells run in the cluster's workers
+    monkeypatch.setattr("pipeline.tracking._USER_URI", f"sqlite:///{sweep_file.parent / 'shell.db'}")
     first = sweep(str(sweep_file))
     assert sorted(first["done"]) == ["tiny-a-gss", "tiny-a-transformer", "tiny-b-gss", "tiny-b-transformer"]
     assert sorted(first["failed"]) == ["tiny-a-typo", "tiny-b-typo"]
