@@ -46,9 +46,6 @@ def ray_cluster():
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(RayParams, "__init__", _dashboard_agent_on_a_free_port(RayParams.__init__))
-        # the cluster's processes keep the environment it starts with: not the MLflow store an earlier test left
-        # set in this process (a sweep's cells logged to another test's store, and the sweep found no run)
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         connect(RayConfig(num_cpus=2, dashboard=True))
     yield
     ray.shutdown()
